@@ -1,6 +1,6 @@
 """Attention: the one function every transformer block in this codebase calls.
 
-    attention(q, k, v, causal=False, key_padding_mask=None, scale=None)
+    attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl=None)
 
 q is (B, H, Tq, D), k and v are (B, H, Tk, D); the result is (B, H, Tq, D).
 
@@ -8,24 +8,98 @@ Semantics (shared/DESIGN.md):
 - `causal` aligns bottom-right: query i may see key j when j <= i + (Tk - Tq). With a KV cache the
   Tq new queries are the last Tq positions of the Tk keys, so this is the ordinary causal mask.
 - `key_padding_mask` is (B, Tk) bool, True = keep (left-padded batches mark their pads False).
-- A query row that sees no key at all returns zeros, never NaN.
+- A query row that sees no key at all returns zeros (and gets zero gradient), never NaN.
 
 Implementations:
 - `attention_reference`: the plain PyTorch definition, softmax(q k^T * scale) v. It materialises the
   (Tq, Tk) score matrix, which is what the fused kernel avoids.
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with an explicit boolean mask, with the
   fully-masked rows zeroed afterwards (SDPA itself would return NaN or an average there).
+- `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below).
 - `attention` dispatches between them; `impl=` or the environment variable MAGMA_ATTENTION
-  (`reference`, `sdpa`) forces one.
+  (`auto`, `reference`, `sdpa`, `triton`) forces one. `auto` = the Triton kernel for CUDA tensors
+  when Triton imports, SDPA otherwise.
+
+------------------------------------------------------------------------------------------------
+How the fused kernel works (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023)
+------------------------------------------------------------------------------------------------
+Per (batch, head) the attention is  S = Q K^T * scale  (Tq, Tk),  P = softmax(S) row-wise,  O = P V.
+Materialising S costs Tq*Tk memory traffic: for T = 8192 that is 64M floats per head. The kernel
+never writes S: one program owns BLOCK_M query rows, keeps them in registers, and streams the keys
+and values past them BLOCK_N at a time.
+
+Online softmax. For one query row, walking over key blocks j = 1, 2, ... keep three running values:
+    m_j = max(m_{j-1}, max_k s_k)                           running maximum of the scores seen
+    l_j = l_{j-1} * exp(m_{j-1} - m_j) + sum_k exp(s_k - m_j)   running softmax denominator
+    o_j = o_{j-1} * exp(m_{j-1} - m_j) + sum_k exp(s_k - m_j) v_k   running unnormalised output
+The factor exp(m_{j-1} - m_j) rescales what was accumulated against the old maximum to the new
+one, so after the last block O = o / l exactly (no approximation), and every exp() has a
+non-positive argument, so nothing overflows. The kernel works in base 2 (exp2 is one hardware
+instruction): it multiplies the scores by scale * log2(e) once and uses exp2 everywhere.
+
+Why the log-sum-exp is saved. At the end, lse = m + log(l) is the log of the softmax denominator,
+so P = exp(S - lse) for the whole row. Saving this one float per row (fp32, (B, H, Tq); base 2
+here) lets the backward recompute any block of P from Q and K alone, without redoing the online
+recurrence and without ever storing P (Tq*Tk) for the backward.
+
+What the backward recomputes, per block (dO is the incoming gradient of O):
+    P  = exp(S - lse)                  recomputed from Q, K and the saved lse
+    dV = P^T dO                        (summed over query blocks)
+    dP = dO V^T
+    dS = P * (dP - delta)              delta = rowsum(dO * O): the softmax Jacobian in one vector
+    dQ = dS K * scale                  (summed over key blocks)
+    dK = dS^T Q * scale                (summed over query blocks)
+delta is computed once by a small pre-pass. Then two kernels: one program per key block loops over
+the query blocks and accumulates dK and dV in registers; one program per query block loops over
+the key blocks and accumulates dQ. Each output block has exactly one owner, so there are no atomic
+additions and the result is bitwise deterministic (FlashAttention-2's single kernel with atomic dQ
+updates is faster on some shapes but not reproducible). Accumulation is fp32 throughout.
+
+Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there);
+key blocks entirely below it run without any mask arithmetic; only the few blocks that cross the
+diagonal or the ragged end of the sequence (197 ViT tokens is not a multiple of 64) pay for the
+mask. A row that sees no key ends with l = 0: it stores O = 0 and lse = +inf, so the backward's
+P = exp(S - inf) = 0 and its gradients are exactly 0 (lse = -inf would give exp(+inf) = inf there).
+
+Decoding (Tq = 1 against a long cache): one query row cannot fill a 128-row block, and B*H programs
+are too few to keep an H100's 132 SMs busy. The decode path ("flash-decoding") splits the keys into
+chunks handled by separate programs, each producing a partial (o_s, lse_s); a second tiny kernel
+merges them: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) o_s.
+
+FLOPs (used by bench.py): the forward does two matmuls of 2*Tq*Tk*D each: 4*B*H*Tq*Tk*D in all,
+half that with a causal mask (Tq = Tk). The backward does five (S again, dV, dP, dQ, dK): 2.5x the
+forward.
+
+Precision: fp16 and bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use exact
+fp32 dots ("ieee") unless torch.set_float32_matmul_precision allows TF32, as for torch matmuls.
+Inputs may have any strides (e.g. q = x.view(B, T, H, D).transpose(1, 2)): every kernel takes the
+four strides of each tensor. Head dims up to 256 (16, 32, 64, 128 are the tuned ones).
 """
+import contextlib
+import functools
 import math
 import os
+import types
 
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("auto", "reference", "sdpa")
+try:
+    import triton
+    import triton.language as tl
+    TRITON_IMPORT_ERROR = None
+except ImportError as e:  # CPU-only install: the kernels below stay plain, never-launched functions
+    TRITON_IMPORT_ERROR = e
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
 
+IMPLEMENTATIONS = ("auto", "reference", "sdpa", "triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton runs kernels on CPU tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference and SDPA paths
+# ------------------------------------------------------------------------------------------------
 
 def visible_mask(Tq, Tk, causal, key_padding_mask, device):
     """The boolean (B or 1, 1, Tq, Tk) mask of which keys each query may see, or None if all."""
@@ -35,19 +109,23 @@ def visible_mask(Tq, Tk, causal, key_padding_mask, device):
         j = torch.arange(Tk, device=device)[None, :]
         mask = (j <= i + (Tk - Tq))[None, None]  # (1, 1, Tq, Tk)
     if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Tk)
+        pad = key_padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)  # (B, 1, 1, Tk)
         mask = pad if mask is None else (mask & pad)
     return mask
 
 
 def _check(q, k, v, key_padding_mask):
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, T, D)"
+    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
+        raise ValueError(f"q, k, v must be (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     B, H, Tq, D = q.shape
-    assert k.shape[:2] == (B, H) and k.shape[3] == D, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    assert v.shape == k.shape, f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}"
-    if key_padding_mask is not None:
-        assert key_padding_mask.shape == (B, k.shape[2]), (
-            f"key_padding_mask {tuple(key_padding_mask.shape)} must be (B, Tk) = {(B, k.shape[2])}")
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
+        raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} must be (B, Tk) = "
+                         f"{(B, k.shape[2])}")
 
 
 def attention_reference(q, k, v, causal=False, key_padding_mask=None, scale=None):
@@ -75,11 +153,626 @@ def sdpa(q, k, v, causal=False, key_padding_mask=None, scale=None):
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
+# ------------------------------------------------------------------------------------------------
+# Triton kernels. Every kernel runs one program per (block of rows, batch*head): program_id(1) is
+# b * H + h. Scores are kept in base 2: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - lse2).
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_r, stride_d, n_rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows and the head-dim padding read as 0."""
+    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, rows, offs_d, stride_r, stride_d, n_rows,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a (len(rows), BLOCK_D) tile, skipping rows >= n_rows and the head-dim padding."""
+    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+               stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (acc, l, m)."""
+    cols = start_n + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) key indices
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BLOCK_M, BLOCK_N)
+    if MASK:  # only blocks on the causal diagonal or past the end of the keys
+        keep = cols[None, :] < Tk
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+        s = tl.where(keep, s, float("-inf"))
+    if HAS_KPM:
+        pad = tl.load(kpm_base + cols, mask=cols < Tk, other=0)          # (BLOCK_N,) 1 = keep
+        s = tl.where(pad[None, :] != 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # (BLOCK_M,)
+    # A row that has seen only masked keys has m = -inf; subtracting 0 instead keeps exp2(-inf) = 0
+    # where exp2(-inf - (-inf)) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])                                 # (BLOCK_M, BLOCK_N)
+    alpha = tl.math.exp2(m_i - m_safe)                                    # rescales the old sums
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
+    acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KPM,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_om, stride_od,
+                stride_kpm, H, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O and lse2 for BLOCK_M query rows of one (batch, head). TQ/TK_BUCKET only key the autotuner."""
+    # With a causal mask the last query blocks see the most keys: launch them first so that the
+    # long programs do not end up as a tail on a few SMs.
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_base = KPM + b * stride_kpm
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                      # (BLOCK_M,) query rows
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D)  # (BLOCK_M, D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)             # running max
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                           # running denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                  # running numerator
+
+    # Key range of this query block: [0, full) needs no mask, [full, hi) does, >= hi is invisible.
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + (Tk - Tq), 0), Tk)
+        full = tl.minimum(tl.maximum(pid_m * BLOCK_M + (Tk - Tq) + 1, 0), Tk)
+    else:
+        hi = Tk
+        full = Tk
+    full = (full // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, HAS_KPM, False, PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, HAS_KPM, True, PRECISION)
+
+    # Rows that saw no key have l = 0 and acc = 0: output 0, lse2 = +inf (so the backward's P = 0).
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_base = O + b * stride_ob + h * stride_oh
+    _store_rows(o_base, o, offs_m, offs_d, stride_om, stride_od, Tq, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + pid_bh * Tq + offs_m, lse2, mask=offs_m < Tq)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, KPM, OP, LSEP,
+                   stride_qb, stride_qh, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_kpm, H, Tk, keys_per_split, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Flash-decoding, step 1: one query row against keys [split * keys_per_split, ...)."""
+    split = tl.program_id(0)
+    n_splits = tl.num_programs(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd,
+                mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)        # (D,)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)                    # scalar running max
+    l_i = tl.full([], 0.0, dtype=tl.float32)                                # scalar denominator
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                             # (D,) numerator
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Tk)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        # One query row: a dot product per key is a multiply and a row sum, no tensor cores needed.
+        k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, BLOCK_D)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale             # (BLOCK_N,)
+        keep = cols < hi
+        if HAS_KPM:
+            keep = keep & (tl.load(KPM + b * stride_kpm + cols, mask=cols < hi, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe)                                         # (BLOCK_N,)
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, BLOCK_D)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(OP + (pid_bh * n_splits + split) * BLOCK_D + offs_d, o)      # (B*H, splits, BLOCK_D)
+    tl.store(LSEP + pid_bh * n_splits + split, lse2)                       # (B*H, splits)
+
+
+@triton.jit
+def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Flash-decoding, step 2: O = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LSEP + pid_bh * n_splits + offs_s, mask=offs_s < n_splits,
+                    other=float("-inf"))                                    # (BLOCK_S,)
+    o_s = tl.load(OP + (pid_bh * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                  mask=offs_s[:, None] < n_splits, other=0.0)              # (BLOCK_S, BLOCK_D)
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)                                        # (BLOCK_S,)
+    total = tl.sum(w, 0)
+    empty = total == 0.0
+    o = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)         # (BLOCK_D,)
+    lse2 = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, total)))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, o.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(LSE + pid_bh, lse2)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA,
+                      stride_ob, stride_oh, stride_om, stride_od,
+                      stride_dob, stride_doh, stride_dom, stride_dod,
+                      H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Backward pre-pass: delta = rowsum(dO * O) in fp32, (B, H, Tq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq,
+                   HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq,
+                    HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                 # (BLOCK_M,)
+    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n, offs_d,
+                    stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the contribution of queries [start_m, start_m + BLOCK_M) to this key block's dK, dV."""
+    rows = start_m + tl.arange(0, BLOCK_M)                                   # (BLOCK_M,) queries
+    q = _load_rows(q_base, rows, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D)    # (BLOCK_M, D)
+    do = _load_rows(do_base, rows, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D)
+    # Query rows past Tq load q = dO = 0, delta = 0 and lse = +inf, so they add exactly 0.
+    lse2 = tl.load(lse_base + rows, mask=rows < Tq, other=float("inf"))     # (BLOCK_M,)
+    delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)
+    # Work with transposed scores (keys x queries) so dK and dV come out as (BLOCK_N, D).
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale       # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(sT - lse2[None, :])                                    # P^T
+    if MASK:
+        if CAUSAL:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)            # dV += P^T dO
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # dP^T = V dO^T
+    dsT = pT * (dpT - delta[None, :])                                        # dS^T
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)             # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_dom, stride_dod,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                     stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # (BLOCK_N,) keys
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk,
+                   HEAD_DIM, BLOCK_D)                                        # (BLOCK_N, D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk,
+                   HEAD_DIM, BLOCK_D)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + pid_bh * Tq
+    delta_base = DELTA + pid_bh * Tq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query range that sees this key block: [lo, full) crosses the diagonal (masked), [full, Tq)
+    # sees every key of the block; queries before lo see none of it and are skipped.
+    if CAUSAL:
+        lo = (tl.maximum(pid_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+        full = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        masked_end = tl.minimum(full, Tq)
+    else:
+        lo = 0
+        full = 0
+        masked_end = 0
+    for start_m in range(lo, masked_end, BLOCK_M):
+        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
+    for start_m in range(full, Tq, BLOCK_M):
+        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION)
+    # Every key column is independent here: a padded key's column of P was never zeroed above,
+    # but its whole dK, dV row is simply 0, so zero it at the end instead of masking every step.
+    if HAS_KPM:
+        keep = tl.load(KPM + b * stride_kpm + offs_n, mask=offs_n < Tk, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    dk = dk * sm_scale                                                       # S = scale * Q K^T
+    _store_rows(DK + b * stride_dkb + h * stride_dkh, dk, offs_n, offs_d, stride_dkn, stride_dkd, Tk,
+                HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                  stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Add the contribution of keys [start_n, start_n + BLOCK_N) to this query block's dQ."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D)    # (BLOCK_N, D)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK:  # past Tk, k = 0 gives s = 0 and exp2(-lse2) may overflow: mask those too
+        keep = cols[None, :] < Tk
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
+        p = tl.where(keep, p, 0.0)
+    if HAS_KPM:
+        pad = tl.load(kpm_base + cols, mask=cols < Tk, other=0)
+        p = tl.where(pad[None, :] != 0, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                # dP = dO V^T
+    ds = p * (dp - delta[:, None])                                           # dS
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)              # dQ += dS K
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                   stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ for BLOCK_M query rows of one (batch, head), looping over the key blocks."""
+    pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)  # longest causal rows first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq,
+                   HEAD_DIM, BLOCK_D)                                        # (BLOCK_M, D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq,
+                    HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_base = KPM + b * stride_kpm
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:  # same key ranges as the forward
+        hi = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + (Tk - Tq), 0), Tk)
+        full = tl.minimum(tl.maximum(pid_m * BLOCK_M + (Tk - Tq) + 1, 0), Tk)
+    else:
+        hi = Tk
+        full = Tk
+    full = (full // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        dq = _bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                           stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, HAS_KPM, False, PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                           stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, HAS_KPM, True, PRECISION)
+    dq = dq * sm_scale
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, Tq,
+                HEAD_DIM, BLOCK_D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configurations. (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim: for the
+# forward and dQ kernels BLOCK_M is the query block a program owns and BLOCK_N the key block it
+# streams; for the dK/dV kernel BLOCK_N is the key block it owns and BLOCK_M the query block it
+# streams. These are the usual H100 choices for FlashAttention in Triton (not measured here); on
+# CUDA the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and
+# keeps the fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. The interpreter uses small
+# blocks so that tiny test shapes still span several blocks and exercise every loop.
+# ------------------------------------------------------------------------------------------------
+
+FWD_CONFIGS = {
+    16: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+}
+DKDV_CONFIGS = {
+    16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+    32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+    64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+    128: [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    256: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+}
+DQ_CONFIGS = {
+    16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+}
+INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+DECODE_BLOCK_N = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}  # keys per step of a decode program
+MAX_HEAD_DIM = 256
+
+
+def _configs(name, block_d):
+    if INTERPRET:
+        return [INTERPRET_CONFIGS[name]]
+    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[name][block_d]
+    return table if os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0" else table[:1]
+
+
+@functools.cache
+def _autotuned(name, block_d):
+    kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[name]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _configs(name, block_d)]
+    # Lengths enter the key as powers of two, so generation (a new Tk every step) does not re-tune.
+    return triton.autotune(configs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"])(kernel)
+
+
+def _launch(name, block_d, grid, args, consts):
+    """Run kernel `name` with grid(BLOCK_M, BLOCK_N): a fixed config, or autotuned over a list."""
+    configs = _configs(name, block_d)
+    if len(configs) == 1:
+        m, n, w, s = configs[0]
+        kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[name]
+        kernel[grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    else:
+        _autotuned(name, block_d)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: checks, the forward/backward launchers and the autograd Function
+# ------------------------------------------------------------------------------------------------
+
+def _bucket(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _flash_check(q, k, v, key_padding_mask):
+    """Raise a clear error when the Triton kernel cannot run on these inputs."""
+    if TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"flash_attention needs Triton, which failed to import "
+                           f"({TRITON_IMPORT_ERROR}); use attention(..., impl='sdpa') instead")
+    _check(q, k, v, key_padding_mask)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"flash_attention supports float16, bfloat16 and float32; {name} is {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"q, k, v must share dtype and device; {name} is {t.dtype} on {t.device}, "
+                             f"q is {q.dtype} on {q.device}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention supports head dims up to {MAX_HEAD_DIM}; q has {q.shape[-1]}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 "
+                           f"set before triton is imported); q is on {q.device}")
+
+
+def _flash_supported(q, k, v):
+    return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+def _precision(dtype):
+    """Dot precision for fp32 inputs: exact unless PyTorch's own matmuls may use TF32."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # the default; ignored by Triton for fp16/bf16 inputs
+
+
+def _as_kpm(key_padding_mask, q):
+    """The (B, Tk) mask as contiguous uint8 (1 = keep) on q's device, and its batch stride."""
+    if key_padding_mask is None:
+        return q, 0  # a dummy pointer; HAS_KPM=False means it is never read
+    kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).to(torch.uint8).contiguous()
+    return kpm, kpm.stride(0)
+
+
+def _decode_splits(BH, Tk, block_n, device):
+    """How many programs share one row's keys: enough programs to fill the GPU, >= 2 blocks each."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, BH), triton.cdiv(Tk, 2 * block_n), 64))
+
+
+def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
+    """Forward for Tq == 1 by split-K flash-decoding: returns o (B, H, 1, D) and lse2 (B, H, 1)."""
+    B, H, _, D = q.shape
+    Tk = k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = 16 if INTERPRET else DECODE_BLOCK_N[block_d]
+    if num_splits is None:
+        num_splits = _decode_splits(B * H, Tk, block_n, q.device)
+    num_splits = max(1, min(int(num_splits), Tk))
+    keys_per_split = triton.cdiv(triton.cdiv(Tk, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(Tk, keys_per_split)  # no empty splits
+    o_part = torch.empty(B * H, num_splits, block_d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B * H, num_splits, device=q.device, dtype=torch.float32)
+    _decode_kernel[(num_splits, B * H)](
+        q, k, v, kpm, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
+        kpm_stride, H, Tk, keys_per_split, qk_scale,
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, BLOCK_N=block_n, num_warps=4)
+    o = torch.empty_like(q)
+    lse2 = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
+    _decode_merge_kernel[(B * H,)](
+        o_part, lse_part, o, lse2, o.stride(0), o.stride(1), o.stride(3), H, num_splits,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return o, lse2
+
+
+def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
+    """Launch the forward: o like q (same layout when q is dense), lse2 (B, H, Tq) fp32 base 2."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    qk_scale = scale * 1.4426950408889634  # log2(e): scores in base 2
+    if B * H * Tq == 0 or Tk == 0:
+        return torch.zeros_like(q), torch.full((B, H, Tq), float("inf"), device=q.device)
+    if Tq == 1 and decode_splits != 0:  # causal is a no-op for one query: it is the last position
+        return _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, decode_splits)
+    o = torch.empty_like(q)  # keeps q's memory layout, so a (B, T, H, D)-ordered q gives such an o
+    lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    args = (q, k, v, o, lse2, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            kpm_stride, H, Tq, Tk, qk_scale, _bucket(Tq), _bucket(Tk))
+    consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
+                  PRECISION=_precision(q.dtype))
+    _launch("fwd", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, consts)
+    return o, lse2
+
+
+def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True):
+    """Launch the backward kernels: delta pre-pass, dK/dV, dQ. Returns dq, dk, dv."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * H * Tq == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = max(16, triton.next_power_of_2(D))
+    qk_scale = scale * 1.4426950408889634
+    delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4)
+    consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
+                  PRECISION=_precision(q.dtype))
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _bucket(Tq), _bucket(Tk))
+    _launch("dkdv", block_d, lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
+            (q, k, v, do, lse2, delta, kpm, dk, dv, *common, *dk.stride(), *dv.stride(), *tail), consts)
+    if need_dq:
+        _launch("dq", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+                (q, k, v, do, lse2, delta, kpm, dq, *common, *dq.stride(), *tail), consts)
+    return dq, dk, dv
+
+
+def _device_guard(t):
+    """Launch on t's GPU (Triton uses the current device), a no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, o, lse2); backward runs the three kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, key_padding_mask, scale):
+        kpm, kpm_stride = _as_kpm(key_padding_mask, q)
+        with _device_guard(q):
+            o, lse2 = _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
+        ctx.save_for_backward(q, k, v, o, lse2, kpm if key_padding_mask is not None else None)
+        ctx.causal, ctx.scale, ctx.kpm_stride = causal, scale, kpm_stride
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2, kpm = ctx.saved_tensors
+        kpm = q if kpm is None else kpm
+        with _device_guard(q):
+            dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, ctx.causal, kpm, ctx.kpm_stride,
+                                         ctx.scale, need_dq=ctx.needs_input_grad[0])
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
+    """The fused Triton kernel (forward and backward) with the semantics of attention_reference."""
+    _flash_check(q, k, v, key_padding_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _FlashAttention.apply(q, k, v, bool(causal), key_padding_mask, scale)  # (B, H, Tq, D)
+
+
+def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
+    """Forward-only decode of one query per row, q (B, H, 1, D), keys split over `num_splits`
+    programs (None = enough to fill the GPU; 1 = one program per row) and merged by log-sum-exp.
+    flash_attention takes this path by itself whenever Tq == 1."""
+    _flash_check(q, k, v, key_padding_mask)
+    if q.shape[2] != 1:
+        raise ValueError(f"flash_decode takes one query per row, q is {tuple(q.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    kpm, kpm_stride = _as_kpm(key_padding_mask, q)
+    with torch.no_grad(), _device_guard(q):
+        o, _ = _flash_forward(q, k, v, False, kpm, kpm_stride, scale, decode_splits=num_splits)
+    return o
+
+
+# ------------------------------------------------------------------------------------------------
+# The dispatcher
+# ------------------------------------------------------------------------------------------------
+
 def attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl=None):
     """Scaled dot-product attention with the semantics above; `impl` forces an implementation."""
     impl = impl or os.environ.get("MAGMA_ATTENTION", "auto")
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+        raise ValueError(f"unknown attention implementation {impl!r} (impl= or MAGMA_ATTENTION); "
+                         f"choose one of {IMPLEMENTATIONS}")
     if impl == "reference":
         return attention_reference(q, k, v, causal, key_padding_mask, scale)
+    if impl == "triton" or (impl == "auto" and _flash_supported(q, k, v)):
+        return flash_attention(q, k, v, causal, key_padding_mask, scale)
     return sdpa(q, k, v, causal, key_padding_mask, scale)

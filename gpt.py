@@ -1,9 +1,17 @@
 """The GPT decoder (GPT-2, GPT-J and GPT-NeoX families) and its loaders for public checkpoints."""
+import argparse
 import json
+import math
 import os
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import attention
 
 # ----------------------------------------------------------------------------------------------------
 # Reading checkpoint files. These helpers also serve vit.py (it imports them from here).
@@ -27,28 +35,31 @@ def read_safetensors(path):
 
     The format: 8 bytes little-endian header length n, n bytes of JSON mapping each tensor name to
     {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows), then raw
-    little-endian tensor bytes. An optional "__metadata__" entry holds strings.
+    little-endian tensor bytes. An optional "__metadata__" entry holds strings. The file is memory
+    mapped, so a multi-GB checkpoint is copied once (into the tensors), not twice.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-    n = int.from_bytes(raw[:8], "little")
-    if n <= 0 or 8 + n > len(raw):
-        raise ValueError(f"{path}: corrupt safetensors header (header length {n}, file size {len(raw)})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    n = int.from_bytes(raw[:8].tobytes(), "little")
+    if n <= 0 or 8 + n > size:
+        raise ValueError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data = memoryview(raw)[8 + n:]
+    data = raw[8 + n:]
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
         if dtype not in SAFETENSORS_DTYPES:
@@ -102,3 +113,661 @@ def load_checked(model, state_dict, source):
         for name, tensor in state_dict.items():
             own[name].copy_(tensor)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: one dataclass, three families. The family fixes how positions enter and how a block
+# is wired; the table below gives the defaults a family sets for the fields left as None.
+
+FAMILIES = {
+    #              rotary: how q/k are rotated (None = learned absolute positions instead)
+    #              shared_ln: one LayerNorm feeds both attention and MLP (GPT-J's parallel block)
+    "gpt2":     dict(rotary=None, shared_ln=False, parallel_residual=False, attn_bias=True,
+                     lm_head_bias=False, tie_word_embeddings=True, activation="gelu_new"),
+    "gptj":     dict(rotary="interleaved", shared_ln=True, parallel_residual=True, attn_bias=False,
+                     lm_head_bias=True, tie_word_embeddings=False, activation="gelu_new"),
+    "gpt_neox": dict(rotary="half", shared_ln=False, parallel_residual=True, attn_bias=True,
+                     lm_head_bias=False, tie_word_embeddings=False, activation="gelu"),
+}
+
+ACTIVATIONS = {  # Hugging Face's activation names -> function
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,  # exact, erf-based (GPT-NeoX)
+    "relu": F.relu,
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape and family of a GPT decoder. Fields left as None take the family's value (FAMILIES)."""
+    model_type: str = "gpt2"        # "gpt2" | "gptj" | "gpt_neox"
+    vocab_size: int = 50257
+    block_size: int = 1024          # longest sequence (learned position table size for GPT-2)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int = None             # MLP width; None = 4 * n_embd
+    activation: str = None          # a key of ACTIVATIONS
+    layer_norm_eps: float = 1e-5
+    rotary_dim: int = None          # rotated dims per head; None = all (GPT-J) or a quarter (NeoX)
+    rotary_base: float = 10000.0
+    parallel_residual: bool = None  # x + attn(ln(x)) + mlp(ln'(x)) instead of two residual steps
+    attn_bias: bool = None          # biases on the qkv and output projections
+    lm_head_bias: bool = None
+    tie_word_embeddings: bool = None  # lm_head shares the token embedding matrix
+    scale_attn_weights: bool = True  # GPT-2 flags: divide scores by sqrt(head dim) ...
+    scale_attn_by_inverse_layer_idx: bool = False  # ... and by layer index + 1
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; supported: {sorted(FAMILIES)}")
+        for key, value in FAMILIES[self.model_type].items():
+            if key in ("rotary", "shared_ln"):
+                continue
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        head_dim = self.n_embd // self.n_head
+        if self.rotary is None:
+            self.rotary_dim = 0
+        elif self.rotary_dim is None:
+            self.rotary_dim = head_dim if self.model_type == "gptj" else head_dim // 4
+        if self.rotary and not (0 < self.rotary_dim <= head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in 1..head dim {head_dim}")
+        if self.shared_ln and not self.parallel_residual:
+            raise ValueError(f"{self.model_type} has one LayerNorm per block, so parallel_residual must be True")
+
+    @property
+    def rotary(self):
+        return FAMILIES[self.model_type]["rotary"]
+
+    @property
+    def shared_ln(self):
+        return FAMILIES[self.model_type]["shared_ln"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al. 2021): rotate pairs of query/key dims by an angle that grows
+# with the position, so q.k depends on the distance between positions. GPT-J pairs neighbouring dims
+# (0,1), (2,3), ...; NeoX pairs dim i with dim i + R/2 ("rotate half"). Same maths, different layout
+# of the weights, so a checkpoint only works with its own convention.
+
+def rotary_cos_sin(positions, rotary_dim, base, dtype):
+    """cos and sin of the rotation angles, each (B or 1, 1, T, rotary_dim/2), for positions (B or 1, T)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device,
+                                            dtype=torch.float32) / rotary_dim))  # (R/2,)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, R/2)
+    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x, cos, sin, style):
+    """Rotate the first rotary_dim dims of each head of x (B, H, T, D); the rest pass through."""
+    R = 2 * cos.shape[-1]
+    rot, rest = x[..., :R], x[..., R:]
+    if style == "interleaved":
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :R // 2], rot[..., R // 2:]
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, H, T, R/2) each
+    rot = torch.stack((y1, y2), dim=-1).flatten(-2) if style == "interleaved" else torch.cat((y1, y2), -1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model.
+
+class KVCache:
+    """Preallocated keys and values of every layer, (B, H, max_len, D) each; `length` are filled."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Write this step's k, v (B, H, T, D) after the cached ones; return all keys and values so far."""
+        T = k.shape[2]
+        end = self.length + T
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, length+T, D)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused qkv projection laid out as [q; k; v]."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.rotary = config.rotary
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attn_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_bias)
+        self.dropout = nn.Dropout(config.dropout)
+        head_dim = config.n_embd // config.n_head
+        self.scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope, self.rotary), apply_rotary(k, *rope, self.rotary)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, T_past + T, D)
+        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear -> GELU -> Linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block, sequential (GPT-2) or parallel (GPT-J, NeoX) residual."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.parallel = config.parallel_residual
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        if not config.shared_ln:
+            self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None):
+        h = self.ln_1(x)
+        a = self.attn(h, rope, key_padding_mask, cache)
+        if not self.parallel:  # x + attn(ln_1(x)), then + mlp(ln_2(.))
+            x = x + a
+            return x + self.mlp(self.ln_2(x))
+        # Parallel: both branches read the block input; GPT-J normalises it once, NeoX twice.
+        return x + a + self.mlp(self.ln_2(x) if hasattr(self, "ln_2") else h)
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model: GPT-2, GPT-J or GPT-NeoX, by config.model_type."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.rotary is None:
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(drop=nn.Dropout(config.dropout),
+                      h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                      ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps))
+        self.transformer = nn.ModuleDict(layers)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the token embedding with the output head where the family does (GPT-2)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        p = self.transformer.wte.weight
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def positions(self, B, T, past, key_padding_mask, device):
+        """Position of each new token (B or 1, T): the number of real tokens before it in its row."""
+        if key_padding_mask is None:
+            return (past + torch.arange(T, device=device))[None]  # (1, T)
+        # Left padding must not shift positions: count only real tokens (pads get 0, never seen).
+        return (key_padding_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+
+    def forward(self, idx=None, *, inputs_embeds=None, key_padding_mask=None, cache=None, return_hidden=False):
+        """Logits (B, T, vocab) for token ids idx (B, T) or embeddings inputs_embeds (B, T, C).
+
+        key_padding_mask (B, T_past + T) bool marks real tokens (True) over cached and new positions.
+        With a cache, the new keys/values are written after the cached ones and cache.length advances.
+        return_hidden=True returns the final hidden states (B, T, C) after ln_f instead of logits.
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx and inputs_embeds")
+        x = self.transformer.wte(idx) if idx is not None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
+        if cache is not None and (past + T > cache.max_len or cache.k[0].shape[0] != B):
+            raise ValueError(f"KV cache holds {cache.k[0].shape[0]} x {cache.max_len} positions, "
+                             f"{past} used; cannot add a batch of {B} x {T}")
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (B, past + T):
+                raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
+                                 f"expected (B, T_past + T) = {(B, past + T)}")
+            key_padding_mask = key_padding_mask.to(device=x.device, dtype=torch.bool)
+        pos = self.positions(B, T, past, key_padding_mask, x.device)
+        rope = None
+        if self.config.rotary is None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rotary_cos_sin(pos, self.config.rotary_dim, self.config.rotary_base, x.dtype)
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None  # nothing to mask: lets attention take its fastest path
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, key_padding_mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 key_padding_mask=None):
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+        Prefill the KV cache once, then feed one token at a time. Batches are LEFT-padded, with
+        key_padding_mask (B, T) marking real tokens. temperature=0 is greedy. A row that has
+        emitted eos_id keeps emitting eos_id.
+        """
+        B, T = idx.shape
+        mask = (torch.ones_like(idx, dtype=torch.bool) if key_padding_mask is None
+                else key_padding_mask.to(device=idx.device, dtype=torch.bool))
+        if max_new_tokens <= 0:
+            return idx
+        cache = self.new_cache(B, T + max_new_tokens)
+        hidden = self(idx, key_padding_mask=mask, cache=cache, return_hidden=True)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out = [idx]
+        for step in range(max_new_tokens):
+            nxt = sample_next(self.lm_head(hidden[:, -1]), temperature, top_k, top_p)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            if step == max_new_tokens - 1:
+                break
+            if eos_id is not None and bool(done.all()):  # every row finished: pad with eos and stop
+                out.append(torch.full((B, max_new_tokens - step - 1), eos_id, dtype=idx.dtype, device=idx.device))
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            hidden = self(nxt[:, None], key_padding_mask=mask, cache=cache, return_hidden=True)
+        return torch.cat(out, dim=1)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """Load a Hugging Face model directory (config.json + weights) of a supported family.
+
+        dtype: the parameter dtype; None keeps the dtype the weights are stored in.
+        """
+        config = config_from_hf(path)
+        state, origin = read_hf_weights(path)
+        ours = convert_checkpoint(state, origin, config, path)
+        dtype = dtype or ours["transformer.wte.weight"].dtype
+        with torch.device("meta"):  # no time or memory spent on random init of weights we overwrite
+            model = cls(config).to(dtype)
+        model = model.to_empty(device="cpu")
+        model.tie_weights()
+        load_checked(model, ours, path)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling (used by GPT.generate and magma.py).
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus; logits (B, V)."""
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None = off), got {top_p}")
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if top_k:
+        idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+        keep = torch.zeros_like(keep).scatter_(-1, idx, True)  # exactly k tokens, even with ties
+    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(logits.float().masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more probable tokens
+        # Keep a token while the mass before it is still short of p: the smallest set reaching p.
+        # The slack absorbs float rounding (0.5 + 0.3 reaches 0.8, whatever softmax rounds to).
+        sorted_keep = mass_before < top_p - 1e-6
+        sorted_keep[:, 0] = True
+        keep = keep & torch.zeros_like(keep).scatter_(-1, order, sorted_keep)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token id (B,) from logits (B, V): greedy at temperature 0, else sample."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints.
+#
+# One table from checkpoint names to ours, "{i}" standing for the layer index. The third column says
+# how the tensor is converted:
+#   "T"          GPT-2's Conv1D stores weights [in, out]: transpose to nn.Linear's [out, in].
+#   "q","k","v"  GPT-J's separate projections: stacked as the thirds [q; k; v] of our c_attn.
+#   "heads"      NeoX's fused qkv rows are per head [h0 q, h0 k, h0 v, h1 q, ...]: regroup to [q; k; v].
+# Rows whose target our model lacks (biases a config turns off) are not expected in the file.
+
+CHECKPOINT_NAMES = {
+    "gpt2": [
+        ("transformer.wte.weight", "transformer.wte.weight", None),
+        ("transformer.wpe.weight", "transformer.wpe.weight", None),
+        ("transformer.h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", None),
+        ("transformer.h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", None),
+        ("transformer.h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", "T"),
+        ("transformer.h.{i}.attn.c_attn.bias", "transformer.h.{i}.attn.c_attn.bias", None),
+        ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.attn.c_proj.weight", "T"),
+        ("transformer.h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", None),
+        ("transformer.h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", None),
+        ("transformer.h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", None),
+        ("transformer.h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", "T"),
+        ("transformer.h.{i}.mlp.c_fc.bias", "transformer.h.{i}.mlp.c_fc.bias", None),
+        ("transformer.h.{i}.mlp.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight", "T"),
+        ("transformer.h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", None),
+        ("transformer.ln_f.weight", "transformer.ln_f.weight", None),
+        ("transformer.ln_f.bias", "transformer.ln_f.bias", None),
+        ("lm_head.weight", "lm_head.weight", None),
+    ],
+    "gptj": [
+        ("transformer.wte.weight", "transformer.wte.weight", None),
+        ("transformer.h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", None),
+        ("transformer.h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", None),
+        ("transformer.h.{i}.attn.q_proj.weight", "transformer.h.{i}.attn.c_attn.weight", "q"),
+        ("transformer.h.{i}.attn.k_proj.weight", "transformer.h.{i}.attn.c_attn.weight", "k"),
+        ("transformer.h.{i}.attn.v_proj.weight", "transformer.h.{i}.attn.c_attn.weight", "v"),
+        ("transformer.h.{i}.attn.out_proj.weight", "transformer.h.{i}.attn.c_proj.weight", None),
+        ("transformer.h.{i}.mlp.fc_in.weight", "transformer.h.{i}.mlp.c_fc.weight", None),
+        ("transformer.h.{i}.mlp.fc_in.bias", "transformer.h.{i}.mlp.c_fc.bias", None),
+        ("transformer.h.{i}.mlp.fc_out.weight", "transformer.h.{i}.mlp.c_proj.weight", None),
+        ("transformer.h.{i}.mlp.fc_out.bias", "transformer.h.{i}.mlp.c_proj.bias", None),
+        ("transformer.ln_f.weight", "transformer.ln_f.weight", None),
+        ("transformer.ln_f.bias", "transformer.ln_f.bias", None),
+        ("lm_head.weight", "lm_head.weight", None),
+        ("lm_head.bias", "lm_head.bias", None),
+    ],
+    "gpt_neox": [
+        ("gpt_neox.embed_in.weight", "transformer.wte.weight", None),
+        ("gpt_neox.layers.{i}.input_layernorm.weight", "transformer.h.{i}.ln_1.weight", None),
+        ("gpt_neox.layers.{i}.input_layernorm.bias", "transformer.h.{i}.ln_1.bias", None),
+        ("gpt_neox.layers.{i}.attention.query_key_value.weight", "transformer.h.{i}.attn.c_attn.weight", "heads"),
+        ("gpt_neox.layers.{i}.attention.query_key_value.bias", "transformer.h.{i}.attn.c_attn.bias", "heads"),
+        ("gpt_neox.layers.{i}.attention.dense.weight", "transformer.h.{i}.attn.c_proj.weight", None),
+        ("gpt_neox.layers.{i}.attention.dense.bias", "transformer.h.{i}.attn.c_proj.bias", None),
+        ("gpt_neox.layers.{i}.post_attention_layernorm.weight", "transformer.h.{i}.ln_2.weight", None),
+        ("gpt_neox.layers.{i}.post_attention_layernorm.bias", "transformer.h.{i}.ln_2.bias", None),
+        ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight", "transformer.h.{i}.mlp.c_fc.weight", None),
+        ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias", "transformer.h.{i}.mlp.c_fc.bias", None),
+        ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight", "transformer.h.{i}.mlp.c_proj.weight", None),
+        ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias", "transformer.h.{i}.mlp.c_proj.bias", None),
+        ("gpt_neox.final_layer_norm.weight", "transformer.ln_f.weight", None),
+        ("gpt_neox.final_layer_norm.bias", "transformer.ln_f.bias", None),
+        ("embed_out.weight", "lm_head.weight", None),
+    ],
+}
+
+# Buffers some checkpoints carry that are not weights (causal masks, rotary frequencies): dropped.
+IGNORED_SUFFIXES = {
+    "gpt2": (".attn.bias", ".attn.masked_bias"),
+    "gptj": (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"),
+    "gpt_neox": (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"),
+}
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_hf(path):
+    """GPTConfig from a Hugging Face directory's config.json (model_type picks the family)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    hf = _load_json(os.path.join(path, "config.json"))
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: unknown model_type {family!r}; "
+                         f"supported: {sorted(FAMILIES)}")
+    get = hf.get  # missing keys take transformers' defaults for the family, as save_pretrained may omit them
+    if family in ("gpt2", "gptj"):
+        config = dict(vocab_size=get("vocab_size", 50257 if family == "gpt2" else 50400),
+                      block_size=get("n_positions", 1024 if family == "gpt2" else 2048),
+                      n_layer=get("n_layer", 12 if family == "gpt2" else 28),
+                      n_head=get("n_head", 12 if family == "gpt2" else 16),
+                      n_embd=get("n_embd", 768 if family == "gpt2" else 4096),
+                      n_inner=get("n_inner"),
+                      activation=get("activation_function", "gelu_new"),
+                      layer_norm_eps=get("layer_norm_epsilon", 1e-5),
+                      tie_word_embeddings=get("tie_word_embeddings", family == "gpt2"))
+        if family == "gpt2":
+            config.update(scale_attn_weights=get("scale_attn_weights", True),
+                          scale_attn_by_inverse_layer_idx=get("scale_attn_by_inverse_layer_idx", False))
+        else:
+            config.update(rotary_dim=get("rotary_dim", 64))
+    else:
+        # transformers >= 5 writes rope_parameters; older files (the Pythia hub) rotary_pct/rotary_emb_base.
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: rotary scaling {rope} is not supported (only plain rotary)")
+        hidden, heads = get("hidden_size", 6144), get("num_attention_heads", 64)
+        pct = rope.get("partial_rotary_factor", get("rotary_pct", 0.25))
+        config = dict(vocab_size=get("vocab_size", 50432),
+                      block_size=get("max_position_embeddings", 2048),
+                      n_layer=get("num_hidden_layers", 44), n_head=heads, n_embd=hidden,
+                      n_inner=get("intermediate_size", 4 * hidden),
+                      activation=get("hidden_act", "gelu"),
+                      layer_norm_eps=get("layer_norm_eps", 1e-5),
+                      rotary_dim=int((hidden // heads) * pct),
+                      rotary_base=float(rope.get("rope_theta", get("rotary_emb_base", 10000.0))),
+                      parallel_residual=get("use_parallel_residual", True),
+                      attn_bias=get("attention_bias", True),
+                      tie_word_embeddings=get("tie_word_embeddings", False))
+    try:
+        return GPTConfig(model_type=family, **config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
+
+
+def read_hf_weights(path):
+    """All tensors of a Hugging Face directory, and the file each came from.
+
+    Looks for, in order: model.safetensors.index.json (sharded), model.safetensors,
+    pytorch_model.bin.index.json (sharded), pytorch_model.bin.
+    """
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = os.path.join(path, index_name)
+        if os.path.isfile(index_path):
+            weight_map = _load_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no 'weight_map' object")
+            state, origin = {}, {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = os.path.join(path, shard)
+                tensors = read_checkpoint_file(shard_path)
+                for name in tensors:
+                    origin[name] = shard_path
+                state.update(tensors)
+            for name, shard in weight_map.items():
+                if name not in state:
+                    raise ValueError(f"{index_path}: tensor {name!r} listed in shard {shard} is not in it")
+            return state, origin
+        single = os.path.join(path, single_name)
+        if os.path.isfile(single):
+            state = read_checkpoint_file(single)
+            return state, {name: single for name in state}
+    raise FileNotFoundError(f"{path}: no weights found (model.safetensors, model.safetensors.index.json, "
+                            f"pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def convert_checkpoint(state, origin, config, path):
+    """Rename and convert a checkpoint's tensors to our names, checking every one of them.
+
+    Raises ValueError naming the tensor and its file for anything missing, unexpected or mis-shaped.
+    """
+    family = config.model_type
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES[family])}
+    if family == "gpt2" and not any(k.startswith("transformer.") for k in state):
+        # The hub's original gpt2 file names tensors without the "transformer." prefix.
+        state = {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in state.items()}
+        origin = {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in origin.items()}
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    expected = {}  # checkpoint name -> (our name, conversion)
+    for ckpt, ours, how in CHECKPOINT_NAMES[family]:
+        for i in range(config.n_layer) if "{i}" in ckpt else [None]:
+            c, o = ckpt.format(i=i), ours.format(i=i)
+            if o in own:
+                expected[c] = (o, how)
+    tied = config.tie_word_embeddings  # then the head is the embedding; a stored copy is optional
+    optional = {c for c, (o, _) in expected.items() if tied and o.startswith("lm_head.")}
+    where = lambda name: origin.get(name, path)
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{where(unexpected[0])}: unexpected tensor(s) {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''} for a {family} model")
+    missing = sorted(set(expected) - set(state) - optional)
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                         f"for a {family} model")
+    out, parts = {}, {}
+    for name, (ours, how) in expected.items():
+        if name not in state:
+            continue
+        tensor, want = state[name], own[ours]
+        if how == "T":
+            want = want[::-1]
+        elif how in ("q", "k", "v"):
+            want = (want[0] // 3,) + want[1:]
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{where(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {want} for this config")
+        if name in optional:
+            continue
+        if how == "T":
+            tensor = tensor.t()
+        elif how == "heads":
+            H = config.n_head
+            tensor = tensor.view(H, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+        if how in ("q", "k", "v"):
+            parts.setdefault(ours, {})[how] = tensor
+        else:
+            out[ours] = tensor
+    for ours, p in parts.items():
+        out[ours] = torch.cat([p["q"], p["k"], p["v"]], dim=0)
+    if tied:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: the sanity check to run on a downloaded checkpoint.
+
+def _load_tokenizer(path):
+    """tokenizer.Tokenizer for the directory, or None when it has no GPT-2 vocabulary files."""
+    has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)
+    if not (has("vocab.json", "merges.txt") or has("encoder.json", "vocab.bpe")):
+        return None
+    from tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Load a GPT-2 / GPT-J / GPT-NeoX Hugging Face directory, "
+                                     "print what it is and a greedy continuation.")
+    parser.add_argument("path", help="model directory (config.json + model.safetensors or pytorch_model.bin)")
+    parser.add_argument("--prompt", help="text to continue (needs vocab.json+merges.txt or encoder.json+vocab.bpe)")
+    parser.add_argument("--ids", help="token ids to continue, e.g. '464 3290' (for directories without a tokenizer)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="parameter dtype (default: as stored)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run transformers' AutoModelForCausalLM and print the max abs logit difference")
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.ids is None):
+        parser.error("give exactly one of --prompt and --ids")
+    try:
+        model = GPT.from_pretrained(args.path, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        tok = _load_tokenizer(args.path)
+        if args.prompt is not None:
+            if tok is None:
+                raise ValueError(f"{args.path} has no tokenizer files (vocab.json+merges.txt or "
+                                 f"encoder.json+vocab.bpe); pass token ids with --ids")
+            ids = tok.encode(args.prompt)
+        else:
+            try:
+                ids = [int(s) for s in args.ids.replace(",", " ").split()]
+            except ValueError:
+                raise ValueError(f"--ids must be integers, got {args.ids!r}") from None
+        if not ids or not all(0 <= i < model.config.vocab_size for i in ids):
+            raise ValueError(f"prompt ids must be a non-empty list in 0..{model.config.vocab_size - 1}, got {ids}")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"family: {c.model_type}  layers: {c.n_layer}  heads: {c.n_head}  width: {c.n_embd}  vocab: {c.vocab_size}")
+    print(f"parameters: {n_params:,}  dtype: {model.transformer.wte.weight.dtype}")
+    idx = torch.tensor([ids])
+    out = model.generate(idx, args.max_new_tokens, temperature=0)[0, len(ids):].tolist()
+    print(f"prompt ids: {ids}")
+    print(f"greedy ids: {out}")
+    if tok is not None:
+        print(f"greedy text: {tok.decode(ids)}{tok.decode(out)}")
+    if args.compare:
+        from transformers import AutoModelForCausalLM  # the reference, only behind --compare
+        dtype = model.transformer.wte.weight.dtype
+        ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype, attn_implementation="eager").eval()
+        full = torch.tensor([ids + out])
+        with torch.no_grad():
+            diff = (model(full).float() - ref(full).logits.float()).abs().max().item()
+        print(f"max abs logit difference vs transformers ({dtype}, {full.shape[1]} tokens): {diff:.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

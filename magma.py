@@ -1,0 +1,520 @@
+"""MAGMA: a frozen GPT learns to read images (Eichenberg et al., 2021, arXiv 2112.05253).
+
+The model, section 3 of the paper:
+
+    image --ViT--> hidden states (B, 1+N, width) --ImagePrefix--> (B, N_img, d_lm)
+    text --tokenizer--> ids --GPT's token embedding--> (B, T, d_lm)
+    [image prefix][text] --GPT blocks, frozen, with trainable adapters--> next-token logits
+
+Training minimises the cross-entropy of the caption given the image, on the text positions only.
+The language model never changes: every LM weight has requires_grad=False and its dropout stays off
+(MAGMA's released code forgot to freeze it). The adapters, the prefix and the ViT are trained.
+
+At inference any interleaving of images and text is one sequence of embeddings, e.g. few-shot
+[image, "A picture of a cat.", image, "A picture of"]; generation prefills it once into the KV cache
+and then samples token by token, each sequence of a batch stopping at its own end-of-text token.
+
+    python magma.py --checkpoint ckpt.pt --image a.jpg --prompt "A picture of"
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
+from data import ImageError, clip_preprocess, load_image
+from gpt import GPT, GPTConfig, sample_next
+from tokenizer import ByteTokenizer, Tokenizer
+from vit import PRESETS, ViT, ViTConfig
+
+CHECKPOINT_FORMAT = "magma-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def tiny_lm_config():
+    return GPTConfig(model_type="gpt2", vocab_size=257, block_size=128, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_vit_config():
+    return ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16)
+
+
+@dataclass
+class MagmaConfig:
+    """What to build. `lm` and `vit` are either configs (random init) or checkpoint paths (pretrained).
+
+    lm: a GPTConfig, or the path of a Hugging Face GPT directory (gpt.GPT.from_pretrained).
+    vit: a ViTConfig, a preset name from vit.PRESETS (random init), or a CLIP checkpoint path.
+    tokenizer: "byte" (tokenizer.ByteTokenizer), a GPT-2 tokenizer directory, or None = the lm path
+        when lm is a path, else "byte".
+    The defaults build a tiny random model with MAGMA's adapters, for tests and smoke runs.
+    """
+    lm: object = field(default_factory=tiny_lm_config)
+    vit: object = field(default_factory=tiny_vit_config)
+    image_size: int | None = None     # a pretrained ViT: run it at this size (position embeddings resized)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    prefix_tokens: str = "all"        # "all": class token + patches; "patches": patch tokens only
+    prefix_dropout: float = 0.1       # MAGMA: dropout 0.1 on the image prefix
+    prefix_layernorm: bool = True     # MAGMA: LayerNorm on the image prefix
+    freeze_vit: bool = False          # MAGMA trains the image encoder; this keeps it fixed instead
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        # Accept the plain dicts a checkpoint's JSON holds.
+        if isinstance(self.lm, dict):
+            self.lm = GPTConfig(**self.lm)
+        if isinstance(self.vit, dict):
+            self.vit = ViTConfig(**self.vit)
+        if isinstance(self.adapters, dict):
+            self.adapters = AdapterConfig(**self.adapters)
+        if not isinstance(self.lm, (GPTConfig, str)):
+            raise ValueError(f"MagmaConfig.lm must be a GPTConfig or a checkpoint path, got {type(self.lm).__name__}")
+        if not isinstance(self.vit, (ViTConfig, str)):
+            raise ValueError(f"MagmaConfig.vit must be a ViTConfig, a preset name {sorted(PRESETS)} or a "
+                             f"checkpoint path, got {type(self.vit).__name__}")
+        if self.prefix_tokens not in ("all", "patches"):
+            raise ValueError(f"MagmaConfig.prefix_tokens must be 'all' or 'patches', got {self.prefix_tokens!r}")
+        if self.tokenizer is None:
+            self.tokenizer = self.lm if isinstance(self.lm, str) else "byte"
+
+    def to_dict(self):
+        """A JSON-able dict (nested configs become dicts)."""
+        return {f.name: to_jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+def to_jsonable(value):
+    if is_dataclass(value):
+        return {k: to_jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # e.g. a torch.dtype
+
+
+def vit_from_spec(spec, image_size=None):
+    """A ViT from a ViTConfig or preset name (random init) or a checkpoint path (pretrained)."""
+    if isinstance(spec, ViTConfig):
+        return ViT(spec if image_size is None else replace(spec, image_size=image_size))
+    if spec in PRESETS:
+        return ViT(PRESETS[spec] if image_size is None else replace(PRESETS[spec], image_size=image_size))
+    return ViT.from_pretrained(spec, image_size=image_size)
+
+
+def tokenizer_from_spec(spec):
+    return ByteTokenizer() if spec == "byte" else Tokenizer.from_pretrained(spec)
+
+
+def fingerprint(module):
+    """sha256 over every tensor's name, shape, dtype and 4096 evenly strided values: it tells apart two
+    checkpoints (or two dtypes of one) in milliseconds, even for a 6B-parameter model."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class ImagePrefix(nn.Module):
+    """ViT hidden states -> Linear(width -> d_lm) -> Dropout -> LayerNorm: image tokens in the LM's
+    embedding space (MAGMA section 3.1, "image prefix")."""
+
+    def __init__(self, vit_width, d_lm, tokens="all", dropout=0.1, layernorm=True):
+        super().__init__()
+        self.tokens = tokens
+        self.proj = nn.Linear(vit_width, d_lm)
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(d_lm) if layernorm else None
+
+    def forward(self, hidden):  # (B, 1+N, width) -> (B, N_img, d_lm)
+        if self.tokens == "patches":
+            hidden = hidden[:, 1:]  # drop the class token
+        x = self.dropout(self.proj(hidden))
+        return self.ln(x) if self.ln is not None else x
+
+
+class Magma(nn.Module):
+    """ViT + image prefix + frozen GPT with adapters + tokenizer.
+
+    Magma(config) builds what config names (tiny random models by default); lm=, vit=, tokenizer=
+    take existing instances instead (e.g. a GPT pretrained earlier in the same run).
+    """
+
+    def __init__(self, config=None, lm=None, vit=None, tokenizer=None):
+        super().__init__()
+        config = replace(config) if config is not None else MagmaConfig()
+        if lm is not None and not isinstance(config.lm, str):
+            config.lm = lm.config  # describe the given LM, so a checkpoint can rebuild it
+        if vit is not None and not isinstance(config.vit, str):
+            config.vit = vit.config
+        if isinstance(tokenizer, ByteTokenizer):
+            config.tokenizer = "byte"
+        self.config = config
+
+        # The language model, frozen before anything is added to it (section 3: "the LM is kept fixed").
+        self.lm = lm if lm is not None else (
+            GPT.from_pretrained(config.lm) if isinstance(config.lm, str) else GPT(config.lm))
+        freeze(self.lm)
+        self.lm.eval()  # no dropout in the frozen LM, ever: train() below keeps it so
+        self.vit = vit if vit is not None else vit_from_spec(config.vit, config.image_size)
+        if config.freeze_vit:
+            freeze(self.vit)
+            self.vit.eval()
+        # Fingerprints of the weights as they came in, so a checkpoint that stores only the trained
+        # weights can check it is being restored onto the same base models.
+        self.base_fingerprint = {"lm": fingerprint(self.lm), "vit": fingerprint(self.vit)}
+
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_from_spec(config.tokenizer)
+        if self.tokenizer.vocab_size > self.lm.config.vocab_size:
+            raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} tokens but the LM's "
+                             f"vocabulary has only {self.lm.config.vocab_size}")
+
+        self.adapters = add_adapters(self.lm, config.adapters)  # trainable modules inside the frozen LM
+        ref = self.lm.transformer.wte.weight
+        self.prefix = ImagePrefix(self.vit.config.width, self.lm.config.n_embd, config.prefix_tokens,
+                                  config.prefix_dropout, config.prefix_layernorm).to(ref.device)
+
+    @classmethod
+    def from_pretrained(cls, lm, vit, adapters=None, tokenizer=None, **config):
+        """MAGMA around public checkpoints: lm a Hugging Face GPT directory, vit a CLIP checkpoint (or a
+        preset name for a random ViT); adapters an AdapterConfig (default: MAGMA's); tokenizer defaults to
+        the lm directory; other MagmaConfig fields as keywords."""
+        return cls(MagmaConfig(lm=lm, vit=vit, adapters=adapters or AdapterConfig(), tokenizer=tokenizer,
+                               **config))
+
+    def train(self, mode=True):
+        """As nn.Module.train, except the frozen parts stay in eval mode (no dropout in the LM)."""
+        super().train(mode)
+        self.lm.eval()
+        if self.config.freeze_vit:
+            self.vit.eval()
+        return self
+
+    @property
+    def image_size(self):
+        return self.vit.config.image_size
+
+    # ------------------------------------------------------------------------------------------------
+    # Embedding images and text
+
+    def image_embeds(self, pixels):
+        """pixels (B, 3, S, S) -> image prefix tokens (B, N_img, d_lm) in the LM's dtype."""
+        S = self.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixels must have shape (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
+        hidden = self.vit(pixels.to(self.vit.conv1.weight.device))  # (B, 1+N, width)
+        wte = self.lm.transformer.wte.weight
+        return self.prefix(hidden.to(self.prefix.proj.weight.dtype).to(wte.device)).to(wte.dtype)
+
+    def to_pixels(self, image):
+        """A PIL image or a (3, S, S) pixel tensor -> (3, S, S) float pixels."""
+        if isinstance(image, Image.Image):
+            return clip_preprocess(image, self.image_size)
+        S = self.image_size
+        if not torch.is_tensor(image) or tuple(image.shape) != (3, S, S):
+            shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+            raise ValueError(f"an image must be a PIL image or a (3, {S}, {S}) pixel tensor, got {shape}")
+        return image.float()
+
+    def embed_batch(self, examples):
+        """A batch of interleaved lists of images and strings -> (x (B, T, d_lm), key_padding_mask (B, T)).
+
+        Each example becomes one sequence: an image contributes its prefix tokens, a string its token
+        embeddings. Sequences of different lengths are left-padded (mask False), so every row's last
+        position is real and generation continues all rows at the same step.
+        """
+        if not isinstance(examples, (list, tuple)) or not all(isinstance(e, (list, tuple)) for e in examples):
+            raise ValueError("inputs must be a list (the batch) of lists of images and strings, "
+                             "e.g. [[image, 'A picture of']]")
+        images = [item for ex in examples for item in ex if not isinstance(item, str)]
+        wte = self.lm.transformer.wte
+        if images:  # one ViT call for every image of the batch
+            image_tokens = iter(self.image_embeds(torch.stack([self.to_pixels(im) for im in images])))
+        sequences = []
+        for b, ex in enumerate(examples):
+            parts = []
+            for item in ex:
+                if isinstance(item, str):
+                    ids = self.tokenizer.encode(item)
+                    if ids:
+                        parts.append(wte(torch.tensor(ids, device=wte.weight.device)))  # (n_text, d_lm)
+                else:
+                    parts.append(next(image_tokens))  # (N_img, d_lm)
+            if not parts:
+                raise ValueError(f"inputs[{b}] is empty: give at least one image or non-empty string")
+            sequences.append(torch.cat(parts))
+        T = max(len(s) for s in sequences)
+        x = torch.stack([F.pad(s, (0, 0, T - len(s), 0)) for s in sequences])  # (B, T, d_lm), left-padded
+        mask = torch.stack([torch.arange(T, device=x.device) >= T - len(s) for s in sequences])  # (B, T)
+        return x, mask
+
+    def embed(self, example):
+        """One interleaved list of images and strings -> its embeddings (T, d_lm)."""
+        return self.embed_batch([example])[0][0]
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, pixels, input_ids, text_mask):
+        """Captioning loss: cross-entropy of the caption tokens given the image (section 3.2).
+
+        pixels (B, 3, S, S); input_ids (B, T) caption ids followed by eos, right-padded; text_mask (B, T)
+        True on real tokens. The sequence is [image tokens][caption]; the last image position predicts
+        the first caption token, and so on up to the eos. Image positions and padding have no target.
+        """
+        if input_ids.dim() != 2 or text_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and text_mask {tuple(text_mask.shape)} "
+                             "must both be (B, T)")
+        if pixels.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"pixels has batch size {pixels.shape[0]}, input_ids {input_ids.shape[0]}")
+        text_mask = text_mask.to(torch.bool)
+        if not text_mask.any():
+            raise ValueError("text_mask selects no token: nothing to predict")
+        image = self.image_embeds(pixels)  # (B, I, C)
+        text = self.lm.transformer.wte(input_ids)  # (B, T, C)
+        x = torch.cat([image, text], dim=1)  # (B, I+T, C)
+        # Right padding needs no mask: causal attention keeps the pads out of every real position.
+        hidden = self.lm(inputs_embeds=x, return_hidden=True)  # (B, I+T, C)
+        I = image.shape[1]
+        hidden = hidden[:, I - 1:-1][text_mask]  # (n_tokens, C): the positions that predict a text token
+        logits = self.lm.lm_head(hidden)  # (n_tokens, V): the vocabulary projection only where needed
+        return F.cross_entropy(logits.float(), input_ids[text_mask])
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
+                     generator=None):
+        """Like generate(), but returns the new token ids of each row (without the eos)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
+            B, T, _ = x.shape
+            limit = getattr(self.lm.config, "block_size", None)
+            if limit is not None and T + max_new_tokens > limit:
+                raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the LM's "
+                                 f"block_size {limit}")
+            eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
+            cache = self.lm.new_cache(B, T + max_new_tokens, device=x.device, dtype=x.dtype)
+            hidden = self.lm(inputs_embeds=x, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill
+            done = torch.zeros(B, dtype=torch.bool, device=x.device)
+            out = []
+            for step in range(max_new_tokens):
+                logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
+                logits[:, self.tokenizer.vocab_size:] = float("-inf")  # LM rows the tokenizer cannot decode
+                token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator)  # (B,)
+                if eos_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_id), token)
+                    done |= token == eos_id
+                out.append(token)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
+                hidden = self.lm(token[:, None], key_padding_mask=mask, cache=cache, return_hidden=True)
+            rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+        finally:
+            self.train(was_training)
+        if eos_id is not None:
+            rows = [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+        return rows
+
+    def generate(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
+                 generator=None):
+        """Continue each interleaved input (a batch: list of lists of images and strings) -> list[str].
+
+        Prefills each prompt once into the KV cache, then samples token by token (gpt.sample_next:
+        temperature 0 = greedy, top-k 0 = off, top-p = the smallest set of tokens whose probability
+        reaches p). eos=True stops each row at the tokenizer's end-of-text token (an int: at that id;
+        False: never), and the text returned stops before it.
+        """
+        rows = self.generate_ids(inputs, max_new_tokens, temperature, top_k, top_p, eos, generator)
+        return [self.tokenizer.decode(row) for row in rows]
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _lm_is_loadable(self):
+        return isinstance(self.config.lm, str)
+
+    def _vit_is_base(self):
+        """The ViT is part of the base (not saved) when it is frozen and comes from a checkpoint file."""
+        return self.config.freeze_vit and isinstance(self.config.vit, str) and self.config.vit not in PRESETS
+
+    def _saved_names(self, include_lm, include_vit):
+        """The state-dict names a checkpoint holds: everything except the base weights it leaves out."""
+        adapter_prefixes = tuple(f"lm.{name}.adapter." for name, m in self.lm.named_modules()
+                                 if isinstance(m, Adapted))
+        names = []
+        for name in self.state_dict():
+            if name.startswith("lm.") and not include_lm and not name.startswith(adapter_prefixes):
+                continue
+            if name.startswith("vit.") and not include_vit:
+                continue
+            names.append(name)
+        return names
+
+    def save(self, path, include_lm=None):
+        """Write the config and the trained weights to `path`, atomically (temporary file, then rename).
+
+        The frozen LM's weights are left out when the LM was loaded from a path (and a frozen pretrained
+        ViT's), with a fingerprint to check them against at load time; include_lm=True stores them anyway.
+        An LM that no path can rebuild (random, or pretrained in this run) is always stored.
+        """
+        include_lm = (not self._lm_is_loadable()) if include_lm is None else bool(include_lm)
+        if not include_lm and not self._lm_is_loadable():
+            raise ValueError("save(include_lm=False): this LM was not loaded from a path "
+                             "(MagmaConfig.lm is a config), so the checkpoint must hold its weights")
+        include_vit = not self._vit_is_base()
+        state = self.state_dict()
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": json.dumps(self.config.to_dict()),
+            "lm_config": json.dumps(to_jsonable(self.lm.config)),
+            "vit_config": json.dumps(to_jsonable(self.vit.config)),
+            "includes": {"lm": include_lm, "vit": include_vit},
+            "fingerprint": dict(self.base_fingerprint),
+            "state_dict": {name: state[name].detach().cpu() for name in self._saved_names(include_lm, include_vit)},
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint at `path`
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path, lm=None, vit=None, tokenizer=None):
+        """Rebuild a model saved by save(). Base weights the file does not hold come from `lm` / `vit`
+        (instances or paths) or else from the paths recorded at training time, and must match the
+        fingerprints recorded then."""
+        checkpoint = read_magma_checkpoint(path)
+        config = MagmaConfig(**json.loads(checkpoint["config"]))
+        includes = checkpoint["includes"]
+
+        def base(part, given, build_from_config, build_from_path):
+            if includes[part]:  # weights are in the file: any skeleton of the right shape will do
+                return build_from_config(json.loads(checkpoint[f"{part}_config"]))
+            source = given if given is not None else getattr(config, part)
+            if not isinstance(source, str):
+                return source
+            try:
+                return build_from_path(source)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: could not load the base {part.upper()} this checkpoint was trained "
+                                 f"on from {source!r} ({e}); pass {part}=PATH or {part}=model") from None
+
+        lm_model = base("lm", lm, lambda c: GPT(GPTConfig(**c)), GPT.from_pretrained)
+        vit_model = base("vit", vit, lambda c: ViT(ViTConfig(**c)),
+                         lambda p: ViT.from_pretrained(p, image_size=config.image_size))
+        model = cls(config, lm=lm_model, vit=vit_model, tokenizer=tokenizer)
+        for part in ("lm", "vit"):
+            if not includes[part] and model.base_fingerprint[part] != checkpoint["fingerprint"][part]:
+                raise ValueError(f"{path}: the base {part.upper()} weights given differ from those this checkpoint "
+                                 f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
+                                 f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
+                                 f"({getattr(config, part)!r}) in the same dtype")
+        state = checkpoint["state_dict"]
+        own = model.state_dict()
+        expected = set(model._saved_names(includes["lm"], includes["vit"]))
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model it describes: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, tensor in state.items():
+            if tensor.shape != own[name].shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+        return model
+
+
+def read_magma_checkpoint(path):
+    """torch.load a file written by Magma.save, with one clear error for a missing or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MAGMA checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, ...: all mean "not a checkpoint"
+        raise ValueError(f"{path}: not a readable MAGMA checkpoint ({type(e).__name__}: {e})") from None
+    keys = ("config", "lm_config", "vit_config", "includes", "fingerprint", "state_dict")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT \
+            or any(k not in checkpoint for k in keys):
+        raise ValueError(f"{path}: not a MAGMA checkpoint (written by Magma.save)")
+    if checkpoint["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {checkpoint['version']}, this code reads {CHECKPOINT_VERSION}")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Caption images (or continue interleaved image/text prompts) with a trained MAGMA model.",
+        epilog="Images and prompts are interleaved in the order given: "
+               "--image a.jpg --prompt 'A cat.' --image b.jpg --prompt 'A picture of'")
+    parser.add_argument("--checkpoint", required=True, help="file written by Magma.save / train.py")
+    parser.add_argument("--image", dest="items", action="append", type=lambda p: ("image", p), default=[],
+                        metavar="PATH", help="an image (repeatable)")
+    parser.add_argument("--prompt", dest="items", action="append", type=lambda s: ("text", s), metavar="TEXT",
+                        help="text after the image before it (repeatable)")
+    parser.add_argument("--lm", default=None, help="path of the base LM, if it moved since training")
+    parser.add_argument("--vit", default=None, help="path of the base ViT, if it moved since training")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = off")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.items:
+        parser.error("give at least one --image or --prompt")
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    try:
+        example = [load_image(value) if kind == "image" else value for kind, value in args.items]
+        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(args.device)
+        generator = None
+        if args.seed is not None:
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        text = model.generate([example], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, generator=generator)[0]
+    except (OSError, ValueError, ImageError) as e:
+        print(f"magma.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Check the Triton attention kernel on CPU under the Triton interpreter (run as a script).
+
+    python tests/attention_interpret_check.py [--json results.json] [--only NAME ...]
+
+TRITON_INTERPRET=1 must be set before triton is first imported, so tests/test_attention.py runs
+this file in a fresh subprocess instead of importing the kernel into the pytest process. Each case
+compares attention.flash_attention with attention.attention_reference: the forward and dq, dk, dv
+in fp32 (max abs error <= 1e-4; the interpreter's fp32 dot is an exact numpy matmul), the forward
+in fp16 (FlashAttention's rule: at most twice the error of plain PyTorch in fp16, plus 1e-4). The
+interpreter runs one program at a time, so the shapes are tiny; with its 32x16 blocks they still
+span several blocks (full, diagonal, ragged and skipped ones). bf16 is left to the GPU tests: the
+interpreter mishandles bf16 dots.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# name: (B, H, Tq, Tk, D, causal, mask, dtype, layout)
+#   mask: None | "left_pad" (row b has b*3 leading pads) | "left_pad_empty" (also one row all pads)
+#   layout: "contiguous" | "bthd" (q, k, v, dO are transposed (B, T, H, D) views; k, v from one packed tensor)
+CASES = {
+    "odd_37_causal_d16": (1, 2, 37, 37, 16, True, None, "float32", "contiguous"),
+    "odd_37_full_d32": (2, 1, 37, 37, 32, False, None, "float32", "contiguous"),
+    "prefill_5_of_23_causal_d64": (2, 2, 5, 23, 64, True, None, "float32", "contiguous"),
+    "more_queries_23_than_keys_5_causal": (1, 2, 23, 5, 32, True, None, "float32", "contiguous"),
+    "decode_1_of_23_left_pad_d64": (3, 2, 1, 23, 64, True, "left_pad_empty", "float32", "contiguous"),
+    "padding_with_empty_row_d32": (3, 1, 9, 23, 32, False, "left_pad_empty", "float32", "contiguous"),
+    "causal_left_pad_empty_19": (3, 1, 19, 19, 16, True, "left_pad_empty", "float32", "contiguous"),
+    "causal_70_d64": (1, 1, 70, 70, 64, True, None, "float32", "contiguous"),
+    "head_dim_128_causal": (1, 1, 37, 37, 128, True, None, "float32", "contiguous"),
+    "head_dim_40_padded": (1, 2, 20, 37, 40, False, "left_pad", "float32", "contiguous"),
+    "non_contiguous_bthd": (2, 3, 21, 21, 32, True, None, "float32", "bthd"),
+    "fp16_causal_d64": (2, 2, 37, 37, 64, True, None, "float16", "contiguous"),
+    "fp16_padded_d128": (3, 1, 5, 23, 128, False, "left_pad", "float16", "contiguous"),
+    "fp16_decode_d16": (2, 2, 1, 40, 16, True, "left_pad_empty", "float16", "contiguous"),
+}
+FP32_TOL = 1e-4
+FP16_SLACK = 1e-4
+
+
+def make_inputs(torch, B, H, Tq, Tk, D, mask, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    if layout == "bthd":  # what the models produce: x.view(B, T, H, D).transpose(1, 2)
+        q = torch.randn(B, Tq, H, D, generator=g).to(dt).transpose(1, 2)
+        kv = torch.randn(B, Tk, 2, H, D, generator=g).to(dt)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        do = torch.randn(B, Tq, H, D, generator=g).to(dt).transpose(1, 2)
+        assert not (q.is_contiguous() or k.is_contiguous() or do.is_contiguous())
+    else:
+        q = torch.randn(B, H, Tq, D, generator=g).to(dt)
+        k = torch.randn(B, H, Tk, D, generator=g).to(dt)
+        v = torch.randn(B, H, Tk, D, generator=g).to(dt)
+        do = torch.randn(B, H, Tq, D, generator=g).to(dt)
+    kpm = None
+    if mask is not None:
+        kpm = torch.ones(B, Tk, dtype=torch.bool)
+        for b in range(B):
+            kpm[b, :min(3 * b, Tk)] = False  # left padding, as in a batch of prompts
+        if mask == "left_pad_empty":
+            kpm[-1] = False  # this sequence has no real key: all its rows must be 0
+    return q, k, v, do, kpm
+
+
+def naive_low_precision(torch, q, k, v, causal, kpm, A):
+    """Plain PyTorch attention computed entirely in q's dtype (the baseline for the 2x rule)."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = A.visible_mask(q.shape[2], k.shape[2], causal, kpm, q.device)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
+    if mask is not None:
+        att = att.masked_fill(~mask, 0.0)
+    return att @ v
+
+
+def run_case(name, torch, A):
+    B, H, Tq, Tk, D, causal, mask, dtype, layout = CASES[name]
+    q, k, v, do, kpm = make_inputs(torch, B, H, Tq, Tk, D, mask, dtype, layout,
+                                   seed=sum(map(ord, name)))
+    t0 = time.time()
+    res = {"case": name}
+    if dtype == "float32":
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = A.attention(q, k, v, causal, kpm, impl="triton")  # through the dispatcher
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        ref = A.attention_reference(q, k, v, causal, kpm)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+        for key, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            res[f"{key}_err"] = (a - b).abs().max().item()
+        res["tol"] = FP32_TOL
+        errs = [res[f"{key}_err"] for key in ("out", "dq", "dk", "dv")]
+        ok = all(e <= FP32_TOL for e in errs)  # NaN compares False, so it fails here too
+        tensors = (out, *grads)
+    else:
+        out = A.flash_attention(q, k, v, causal, kpm)
+        ref = A.attention_reference(q.float(), k.float(), v.float(), causal, kpm)
+        naive = naive_low_precision(torch, q, k, v, causal, kpm, A)
+        res["out_err"] = (out.float() - ref).abs().max().item()
+        res["torch_fp16_err"] = (naive.float() - ref).abs().max().item()
+        res["tol"] = 2 * res["torch_fp16_err"] + FP16_SLACK
+        ok = res["out_err"] <= res["tol"]
+        grads = ()
+        tensors = (out,)
+    res["finite"] = all(bool(torch.isfinite(t).all()) for t in tensors)
+    ok = ok and res["finite"]
+    if mask is not None or (causal and Tq > Tk):
+        # Rows that see no key: output exactly 0, and (fp32 cases) gradient exactly 0 for them.
+        seen = A.visible_mask(Tq, Tk, causal, kpm, q.device).expand(B, H, Tq, Tk).any(-1)  # (B, H, Tq)
+        empty = ~seen
+        res["empty_rows"] = int(empty.sum())
+        zero = bool((out[empty] == 0).all())
+        if grads:
+            zero = zero and bool((grads[0][empty] == 0).all())
+            if kpm is not None:  # padded keys get no gradient
+                pads = ~kpm[:, None, :].expand(B, H, Tk)
+                zero = zero and bool((grads[1][pads] == 0).all()) and bool((grads[2][pads] == 0).all())
+        res["masked_exact_zero"] = zero
+        ok = ok and zero
+    res["ok"] = ok
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def run_decode_split_check(torch, A):
+    """Flash-decoding with several splits (forced) against the reference and against 1 split."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 1, 128, generator=g)
+    k = torch.randn(2, 3, 70, 128, generator=g)
+    v = torch.randn(2, 3, 70, 128, generator=g)
+    kpm = torch.ones(2, 70, dtype=torch.bool)
+    kpm[1, :40] = False  # the first splits of row 1 are empty: their partial lse is -inf
+    ref = A.attention_reference(q, k, v, False, kpm)
+    res = {"case": "decode_split_k_merge"}
+    for splits in (1, 3, 5):
+        res[f"out_err_splits_{splits}"] = (A.flash_decode(q, k, v, kpm, num_splits=splits) - ref).abs().max().item()
+    res["tol"] = FP32_TOL
+    res["ok"] = all(e <= FP32_TOL for key, e in res.items() if key.startswith("out_err"))
+    return res
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the per-case results to this file")
+    parser.add_argument("--only", nargs="*", help="run only these case names")
+    args = parser.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by attention)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch
+    import attention as A
+    if not A.INTERPRET:
+        raise SystemExit("triton was imported before TRITON_INTERPRET=1 could take effect")
+    if A.TRITON_IMPORT_ERROR is not None:
+        raise SystemExit(f"triton is not importable: {A.TRITON_IMPORT_ERROR}")
+    names = args.only or list(CASES) + ["decode_split_k_merge"]
+    results = []
+    for name in names:
+        res = run_decode_split_check(torch, A) if name == "decode_split_k_merge" else run_case(name, torch, A)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

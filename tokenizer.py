@@ -1,0 +1,375 @@
+"""
+GPT-2's byte-level BPE tokenizer, from scratch, standard library only; plus a byte tokenizer.
+
+The story, top to bottom:
+  1. bytes <-> printable unicode characters (so every byte sequence is a string of "symbols"),
+  2. the Unicode letter / number / whitespace classes that GPT-2's pre-tokenization pattern
+     needs, built from `unicodedata` because Python's `re` has no \\p{L} or \\p{N},
+  3. the pattern itself, which cuts text into words before BPE ever sees it,
+  4. BPE: merge the adjacent pair with the lowest merge rank until no pair is in the merge table,
+  5. `Tokenizer` (reads the public files) and `ByteTokenizer` (256 bytes + <|endoftext|>, for tiny
+     models trained from scratch), which share one interface:
+        encode(text, allowed_special=()) -> list[int]
+        decode(ids, skip_special=False) -> str
+        eos_id, vocab_size, special_tokens
+
+Special tokens. By default `encode` treats "<|endoftext|>" in the text as ordinary text (a user's
+caption that happens to contain it must not end a sequence), like tiktoken's `encode_ordinary`.
+Pass allowed_special="all", or a set of names, to have those strings become their single id.
+`decode` writes special tokens out as their text, or drops them with skip_special=True.
+
+    python tokenizer.py PATH --text "Hello world"     # ids and pieces (PATH: directory or "bytes")
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import unicodedata
+from functools import lru_cache
+
+EOT = "<|endoftext|>"
+
+# -----------------------------------------------------------------------------
+# 1. bytes <-> unicode symbols
+#
+# BPE works on strings, and GPT-2's files store tokens as strings. Raw bytes such as 0x20 (space)
+# or 0x0A (newline) would be invisible or break the "a b" lines of the merges file, so each byte
+# is given a visible character: the 188 bytes that are already printable Latin-1 characters map to
+# themselves, the other 68 (controls, space, 0x7F-0xA0, 0xAD) map to chr(256), chr(257), ... in
+# byte order. That is why a leading space shows up as "Ġ" (chr(256 + 32)) in vocab.json.
+
+
+def bytes_to_unicode():
+    """The GPT-2 table: byte value (0..255) -> the one-character string that stands for it."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_ENCODER = bytes_to_unicode()  # int -> str
+BYTE_DECODER = {s: b for b, s in BYTE_ENCODER.items()}  # str -> int
+
+# -----------------------------------------------------------------------------
+# 2. Unicode character classes
+#
+# GPT-2 was written with the `regex` package, whose \p{L} is "any letter" (general categories Lu,
+# Ll, Lt, Lm, Lo) and \p{N} "any number" (Nd, Nl, No). Python's `re` has neither. The usual
+# stand-in for letters, [^\W\d_], is not the same class: `re`'s \w is str.isalnum(), which is true
+# for every number (Nd, Nl, No), while \d only removes the decimal digits (Nd). So superscripts and
+# fractions (², ½, category No) and Roman numerals (Ⅻ, category Nl) would be "letters", and "x²"
+# would be one pre-token instead of "x" + "²": different tokens from GPT-2's. `re`'s \s is not
+# GPT-2's either: str.isspace() also counts the ASCII separators U+001C-U+001F, which are not in
+# Unicode's White_Space property that `regex` (and tiktoken) use.
+# So the classes are built exactly, once, by scanning all code points' categories (~0.3 s) into
+# ranges for a `re` character class. They follow this Python's Unicode version
+# (unicodedata.unidata_version); a character assigned only in a later version is "other" here.
+
+# Unicode's White_Space property: a fixed list, not derivable from unicodedata.
+WHITESPACE = (
+    [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680)]
+    + [(0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]
+)
+
+
+@lru_cache(maxsize=None)
+def unicode_ranges(major_category):
+    """Sorted (first, last) code point ranges whose general category starts with major_category
+    ("L" letters, "N" numbers)."""
+    ranges, start = [], None
+    category = unicodedata.category
+    for cp in range(sys.maxunicode + 1):
+        if category(chr(cp))[0] == major_category:
+            if start is None:
+                start = cp
+        elif start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    if start is not None:
+        ranges.append((start, sys.maxunicode))
+    return tuple(ranges)
+
+
+def char_class(ranges):
+    """The body of a `re` character class (no brackets) matching the given code point ranges."""
+    esc = lambda cp: f"\\U{cp:08x}"  # `re` reads \U + 8 hex digits inside a class
+    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+
+
+# -----------------------------------------------------------------------------
+# 3. Pre-tokenization: GPT-2's pattern, written with the classes above
+#
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+#
+# English contractions (lower case only, as in GPT-2), then a run of letters, of numbers, or of
+# anything else, each optionally preceded by one space (so " world" is one word and BPE learns
+# "Ġworld"). A run of whitespace gives up its last character when a word follows, so that the space
+# can start the next word: "a   b" -> "a", "  ", " b". `re` and `regex` both try alternatives left
+# to right and backtrack the same way, so the same pattern splits text the same way.
+
+
+@lru_cache(maxsize=None)
+def gpt2_pattern():
+    """GPT-2's pre-tokenization regex, compiled for Python's `re` (built on first use, cached)."""
+    L, N, S = char_class(unicode_ranges("L")), char_class(unicode_ranges("N")), char_class(WHITESPACE)
+    return re.compile(
+        rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+    )
+
+
+def pretokenize(text):
+    """Split text into the pieces that BPE encodes independently ("Hello world" -> ["Hello", " world"])."""
+    return gpt2_pattern().findall(text)
+
+
+# -----------------------------------------------------------------------------
+# 4. BPE
+
+
+def bpe(word, ranks):
+    """Merge a word (a string of byte symbols) into tokens: repeatedly join the adjacent pair with the
+    lowest rank in the merge table, everywhere it occurs, until no adjacent pair has a rank."""
+    parts = list(word)
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):  # left to right, non-overlapping: "aaa" -> "aa" "a"
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+# -----------------------------------------------------------------------------
+# 5. The two tokenizers and what they share
+
+
+def _encodable(text):
+    """text, made encodable as UTF-8: lone surrogates become U+FFFD and a surrogate pair written
+    as two characters becomes its character, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _split_special(text, allowed_special, special_tokens):
+    """Cut text around the allowed special tokens: a list of (chunk, special id or None)."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    text = _encodable(text)
+    if allowed_special == "all":
+        allowed = set(special_tokens)
+    elif isinstance(allowed_special, str):
+        raise ValueError(f'allowed_special must be "all" or a set of token strings, got {allowed_special!r}')
+    else:
+        allowed = set(allowed_special)
+        unknown = allowed - set(special_tokens)
+        if unknown:
+            raise ValueError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(special_tokens)}")
+    if not allowed:
+        return [(text, None)]
+    # longest first, so that one special token that is a prefix of another cannot cut it
+    splitter = re.compile("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")")
+    pieces = splitter.split(text)  # odd positions are the special tokens themselves
+    return [(p, special_tokens[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
+
+
+def _check_ids(ids, vocab_size):
+    ids = [int(i) for i in ids]  # also accepts a tensor or numpy array
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range for this tokenizer (vocab_size {vocab_size})")
+    return ids
+
+
+class Tokenizer:
+    """GPT-2 byte-level BPE: vocabulary (symbol string -> id), merges in rank order, special tokens."""
+
+    def __init__(self, encoder, merges, special_tokens=None):
+        # encoder: {"Ġworld": 995, ...}; merges: [("Ġ", "t"), ...], first = merged first (rank 0)
+        self.encoder = dict(encoder)
+        self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        if special_tokens is None:
+            special_tokens = {EOT: self.encoder[EOT]} if EOT in self.encoder else {}
+        self.special_tokens = dict(special_tokens)
+        # id -> bytes, for decoding (specials decode to their own text)
+        self.decoder = {
+            i: bytes(BYTE_DECODER[c] for c in tok) for tok, i in self.encoder.items() if tok not in self.special_tokens
+        }
+        self.decoder.update({i: tok.encode("utf-8") for tok, i in self.special_tokens.items()})
+        self.vocab_size = max(self.decoder) + 1
+        self.eos_id = self.special_tokens.get(EOT)
+        self.cache = {}  # word -> ids; words repeat a lot in real text
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a GPT-2 tokenizer directory: vocab.json + merges.txt (Hugging Face names) or
+        encoder.json + vocab.bpe (OpenAI names); an added_tokens.json next to them adds special tokens."""
+        conventions = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+        for vocab_name, merges_name in conventions:
+            vocab_file, merges_file = os.path.join(path, vocab_name), os.path.join(path, merges_name)
+            if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+                break
+        else:
+            looked_for = " or ".join(f"{v} + {m}" for v, m in conventions)
+            raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}")
+        encoder = _read_json(vocab_file)
+        merges = _read_merges(merges_file)
+        _check_vocabulary(encoder, merges, vocab_file, merges_file)
+        if EOT not in encoder:
+            raise ValueError(f"{vocab_file} has no {EOT} token (needed as the end-of-text id)")
+        special_tokens = {EOT: encoder[EOT]}
+        added_file = os.path.join(path, "added_tokens.json")
+        if os.path.isfile(added_file):
+            special_tokens.update(_read_json(added_file))
+        return cls(encoder, merges, special_tokens)
+
+    def encode(self, text, allowed_special=()):
+        """text -> token ids. Special tokens become their one id only if named in allowed_special
+        ("all" or a set of strings); otherwise they are encoded as plain text."""
+        ids = []
+        for chunk, special_id in _split_special(text, allowed_special, self.special_tokens):
+            if special_id is not None:
+                ids.append(special_id)
+                continue
+            for word in pretokenize(chunk):
+                ids.extend(self._encode_word(word))
+        return ids
+
+    def _encode_word(self, word):
+        if word not in self.cache:
+            if len(self.cache) >= 100_000:  # bounded: random text would otherwise grow it forever
+                self.cache.clear()
+            symbols = "".join(BYTE_ENCODER[b] for b in word.encode("utf-8"))
+            self.cache[word] = [self.encoder[token] for token in bpe(symbols, self.ranks)]
+        return self.cache[word]
+
+    def decode(self, ids, skip_special=False):
+        """token ids -> text. Byte sequences that are not valid UTF-8 (a character cut between tokens)
+        become U+FFFD. Special tokens are written as their text, or dropped with skip_special=True."""
+        ids = _check_ids(ids, self.vocab_size)
+        specials = set(self.special_tokens.values()) if skip_special else set()
+        missing = [i for i in ids if i not in self.decoder]
+        if missing:
+            raise ValueError(f"token id {missing[0]} is not in this tokenizer's vocabulary")
+        return b"".join(self.decoder[i] for i in ids if i not in specials).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """Ids 0..255 are the UTF-8 bytes of the text, 256 is <|endoftext|> (eos_id); vocab_size 257.
+    For tiny models trained from scratch: no files, every string encodable, same interface as Tokenizer."""
+
+    def __init__(self):
+        self.special_tokens = {EOT: 256}
+        self.eos_id = 256
+        self.vocab_size = 257
+
+    def encode(self, text, allowed_special=()):
+        """text -> UTF-8 byte values (allowed special tokens become their id, as in Tokenizer.encode)."""
+        ids = []
+        for chunk, special_id in _split_special(text, allowed_special, self.special_tokens):
+            ids.extend([special_id] if special_id is not None else chunk.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        """ids -> text; invalid UTF-8 becomes U+FFFD; 256 is written "<|endoftext|>" or dropped with
+        skip_special=True."""
+        ids = _check_ids(ids, self.vocab_size)
+        out = bytearray()
+        for i in ids:
+            if i < 256:
+                out.append(i)
+            elif not skip_special:
+                out += EOT.encode("utf-8")
+        return out.decode("utf-8", errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# file readers: every problem is one error that names the file
+
+
+def _read_json(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read token table {file}: {e}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+        raise ValueError(f"{file} is not a JSON object of token -> integer id")
+    return table
+
+
+def _read_merges(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read merges file {file}: {e}") from None
+    merges = []
+    for n, line in enumerate(lines, start=1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"{file} line {n}: expected two tokens separated by one space, got {line!r}")
+        merges.append(tuple(pair))
+    return merges
+
+
+def _check_vocabulary(encoder, merges, vocab_file, merges_file):
+    """Every byte symbol and every merge result must have an id, and every token must be spelled in
+    byte symbols, or encoding / decoding would fail later, far from the file."""
+    for b, symbol in BYTE_ENCODER.items():
+        if symbol not in encoder:
+            raise ValueError(f"{vocab_file} has no token for byte {b} (symbol {symbol!r})")
+    for token in encoder:
+        if token != EOT and not all(c in BYTE_DECODER for c in token):
+            raise ValueError(f"{vocab_file}: token {token!r} is not written in GPT-2's byte symbols")
+    for rank, (a, b) in enumerate(merges):
+        if a + b not in encoder:
+            raise ValueError(
+                f"{merges_file}: merge #{rank} {a!r} + {b!r} gives {a + b!r}, which is not in {vocab_file}"
+            )
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Encode text with a GPT-2 tokenizer directory (or the byte tokenizer) and show the pieces."
+    )
+    parser.add_argument(
+        "path", help='tokenizer directory (vocab.json + merges.txt or encoder.json + vocab.bpe), or "bytes"'
+    )
+    parser.add_argument("--text", default="Hello world, don't panic! ½ ² 👋🏽", help="text to encode")
+    parser.add_argument(
+        "--allow-special", action="store_true", help="encode <|endoftext|> in the text as its single id"
+    )
+    args = parser.parse_args()
+    try:
+        tok = ByteTokenizer() if args.path == "bytes" else Tokenizer.from_pretrained(args.path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    ids = tok.encode(args.text, allowed_special="all" if args.allow_special else ())
+    print(f"vocab_size {tok.vocab_size}, eos_id {tok.eos_id}, {len(ids)} tokens")
+    print(ids)
+    print([tok.decode([i]) for i in ids])

@@ -1,0 +1,845 @@
+"""The one training script: MAGMA (arXiv 2112.05253) on a laptop CPU, one GPU, or many under torchrun.
+
+    python train.py                                    # the default "shapes" run, minutes on a 2-core CPU
+    python train.py --steps=300 --batch_size=32        # any field of TrainConfig as --key=value
+    python train.py --resume                           # continue the run in --out_dir from its checkpoint
+    torchrun --nproc_per_node=8 train.py --preset=gpt2-clip --lm=gpt2/ --vit=ViT-B-16.pt --data=coco:...
+
+The default run is MAGMA's recipe in miniature, on the built-in synthetic scenes (data.ShapesDataset):
+  stage 1  pretrain a tiny GPT on the caption and answer texts alone: the "pretrained language model";
+  stage 2  freeze it, wrap it in magma.Magma, and train a tiny ViT, the image prefix and the adapters
+           on image-text pairs (section 3 of the paper);
+then it prints greedy captions of held-out images beside the truth, draws them into samples.png, and
+reports held-out exact-match accuracy. Its checkpoint works with `python magma.py --checkpoint`.
+
+Training mechanics, all in `fit` below: AdamW over the trainable parameters only, in MAGMA's two
+groups (adapters + prefix, image encoder); warmup then cosine or linear decay; gradient clipping and
+accumulation; bf16 autocast, fp16 with a GradScaler, or fp32; DDP under torchrun (rank 0 logs and
+saves, a DistributedSampler shards the data, accumulation micro-steps skip the gradient all-reduce);
+checkpoints written atomically, holding everything --resume needs to continue the same run.
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+from adapters import AdapterConfig, adapter_parameters, adapter_report
+from gpt import GPT, GPTConfig
+from magma import Magma, MagmaConfig, read_magma_checkpoint
+from tokenizer import ByteTokenizer
+from vit import ViTConfig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: one dataclass, named presets on top of its defaults, --key=value on top of a preset.
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the "shapes" preset (a CPU run on synthetic scenes)."""
+    # data
+    data: str = opt("shapes", "training data: 'shapes' or a file dataset (formats below)")
+    val_data: str = opt("", "validation data (same formats); '' = the shapes val split, or a held-out "
+                            "slice of the training records")
+    strict: bool = opt(False, "stop at the first missing or corrupt image instead of skipping it")
+    train_size: int = opt(50000, "shapes: number of training scenes")
+    val_size: int = opt(500, "shapes: number of held-out scenes used for evaluation")
+    qa_fraction: float = opt(0.25, "shapes: fraction of training texts that are question-answer pairs")
+    max_objects: int = opt(2, "shapes: at most this many objects per scene")
+    image_size: int = opt(32, "image side in pixels (0 = the pretrained ViT's own)")
+    max_len: int = opt(96, "longest text in tokens (longer texts are cut)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    # models
+    lm: str = opt("tiny", "'tiny' (a small GPT built here and pretrained in stage 1) or a Hugging Face "
+                          "GPT directory")
+    lm_layers: int = opt(2, "tiny GPT: layers")
+    lm_embd: int = opt(128, "tiny GPT: width")
+    lm_heads: int = opt(4, "tiny GPT: attention heads")
+    vit: str = opt("tiny", "'tiny', a CLIP preset name (random init) or a CLIP checkpoint path")
+    vit_patch: int = opt(4, "tiny ViT: patch size")
+    vit_width: int = opt(96, "tiny ViT: width")
+    vit_layers: int = opt(2, "tiny ViT: layers")
+    vit_heads: int = opt(4, "tiny ViT: attention heads")
+    tokenizer: str = opt("", "'' = byte tokenizer for a tiny LM, else the LM directory; or a tokenizer directory")
+    adapter_kind: str = opt("sequential", "sequential | parallel | scaled_parallel | lora")
+    adapter_places: str = opt("mlp", "where bottleneck adapters go: 'mlp' or 'mlp,attn'")
+    adapter_downsample: int = opt(4, "adapter bottleneck = LM width // this")
+    prefix_dropout: float = opt(0.0, "dropout on the image prefix (MAGMA: 0.1)")
+    freeze_vit: bool = opt(False, "keep the image encoder fixed (MAGMA trains it)")
+    # stage 1: language model pretraining (tiny LM only)
+    lm_steps: int = opt(600, "stage 1 steps (0 = skip)")
+    lm_batch_size: int = opt(64, "stage 1 batch size")
+    lm_lr: float = opt(3e-3, "stage 1 peak learning rate")
+    # stage 2: MAGMA training
+    steps: int = opt(1500, "stage 2 optimizer steps")
+    batch_size: int = opt(64, "samples per optimizer step, summed over processes and accumulation")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-3, "peak learning rate of the adapters and the image prefix (MAGMA: 8e-4)")
+    vit_lr: float = opt(2e-3, "peak learning rate of the image encoder (MAGMA: 2e-6, pretrained CLIP)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    warmup_steps: int = opt(100, "linear warmup steps")
+    schedule: str = opt("cosine", "decay after warmup: cosine | linear | constant")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    # machinery
+    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU that has it, else fp32)")
+    tf32: bool = opt(True, "allow TF32 matmuls on GPUs that have them")
+    compile: bool = opt(False, "torch.compile the model")
+    grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
+    device: str = opt("auto", "auto | cpu | cuda")
+    seed: int = opt(0, "seed of the model init, the data and everything random")
+    # evaluation, logging, checkpoints
+    eval_every: int = opt(500, "evaluate every N stage-2 steps (0 = only at the end)")
+    eval_batches: int = opt(4, "validation batches for the validation loss")
+    eval_images: int = opt(4, "fixed validation images whose greedy captions are logged")
+    log_every: int = opt(10, "write a JSON Lines log record every N steps")
+    save_every: int = opt(500, "write the checkpoint every N stage-2 steps (0 = only at the end)")
+    out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here")
+    resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
+                             "as a time-limited job would; --resume continues")
+    progress: bool = opt(True, "show a progress bar")
+
+
+PRESETS = {
+    "shapes": {},  # the defaults above
+    "gpt2-clip": dict(  # MAGMA's recipe on public weights: give --lm, --vit and --data
+        data="", lm="", vit="", image_size=0, max_len=128, lm_steps=0, steps=15000, batch_size=256,
+        lr=8e-4, vit_lr=2e-6, warmup_steps=500, prefix_dropout=0.1, adapter_downsample=4,
+        eval_every=1000, save_every=1000, eval_batches=20, num_workers=8, out_dir="out/gpt2-clip"),
+}
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser():
+    presets = "\n".join(f"  {name:10s} {', '.join(f'{k}={v}' for k, v in ov.items()) or '(the defaults)'}"
+                        for name, ov in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        description="Train MAGMA: a frozen GPT + image encoder + image prefix + adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets (applied before the other options):\n{presets}\n\ndata formats:\n{data.DATA_FORMATS}")
+    parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS), help="named settings")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__, str)
+        flag = "--" + f.name
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="BOOL",
+                                help=f"{f.metadata['help']} (default: {f.default})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default})")
+    return parser
+
+
+def parse_config(argv=None):
+    """Defaults <- preset <- --key=value. Returns (config, the keys given on the command line)."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    cfg = dataclasses.replace(TrainConfig(), **PRESETS[args.preset], **given)
+    check_config(cfg)
+    return cfg, given
+
+
+def check_config(cfg):
+    def bad(flag, why):
+        raise SystemExit(f"train.py: error: --{flag}={getattr(cfg, flag)!r}: {why}")
+    if not cfg.data:
+        bad("data", f"give the training data; formats:\n{data.DATA_FORMATS}")
+    if not cfg.lm:
+        bad("lm", "give 'tiny' or a Hugging Face GPT directory")
+    if not cfg.vit:
+        bad("vit", "give 'tiny', a CLIP preset name or a CLIP checkpoint path")
+    for name in ("steps", "batch_size", "grad_accum", "max_len"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be >= 1")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        bad("precision", "choose auto, fp32, bf16 or fp16")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        bad("schedule", "choose cosine, linear or constant")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        bad("device", "choose auto, cpu or cuda")
+    if cfg.data == "shapes" and cfg.image_size < 8:
+        bad("image_size", "the shapes data needs images of at least 8 pixels")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes and devices. Under torchrun every process runs this same script; RANK / WORLD_SIZE /
+# LOCAL_RANK come from the environment. Without torchrun it is one process, rank 0 of 1.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def all_sum(self, value):
+        """Sum a number over processes (a no-op for one process)."""
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t)
+        return t.item()
+
+    def barrier(self):
+        if self.world > 1:
+            torch_dist.barrier()
+
+
+def setup(cfg):
+    """Start the process group under torchrun, pick the device, set TF32."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("train.py: error: --device=cuda but no CUDA device is available")
+        device = torch.device("cuda", local) if want == "cuda" else torch.device(want)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def autocast_dtype(cfg, device):
+    """None for fp32, else the autocast dtype."""
+    p = cfg.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_datasets(cfg):
+    """(train dataset, validation dataset) for cfg.data / cfg.val_data."""
+    if cfg.data == "shapes":
+        common = dict(image_size=cfg.image_size, seed=cfg.seed, max_objects=cfg.max_objects)
+        train = data.ShapesDataset("train", cfg.train_size, qa_fraction=cfg.qa_fraction, **common)
+        val = data.ShapesDataset("val", cfg.val_size, **common)
+        return train, val
+    train = data.open_dataset(cfg.data, strict=cfg.strict)
+    if cfg.val_data:
+        return train, data.open_dataset(cfg.val_data, strict=cfg.strict)
+    # Hold out records by the hash of their image path, so all captions of an image fall on one side.
+    held = [data.stable_hash(path) % 100 == 0 for path, _ in train.records]
+    if not any(held) or all(held):
+        return train, train
+    pick = lambda keep: [r for r, h in zip(train.records, held) if h == keep]  # noqa: E731
+    return (data.ImageTextDataset(pick(False), cfg.strict, train.name),
+            data.ImageTextDataset(pick(True), cfg.strict, train.name + " (held out)"))
+
+
+class Texts(torch.utils.data.Dataset):
+    """The texts of an image-text dataset, without its images: stage 1's training data."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        if isinstance(self.dataset, data.ShapesDataset):
+            return {"caption": self.dataset.text(idx)}
+        return {"caption": self.dataset.records[idx][1]}
+
+
+def collate_text(batch, tokenizer, max_len):
+    """Texts -> eos + ids + eos, right-padded: the leading eos gives the first token a context, as
+    the image prefix does in stage 2."""
+    ids = [[tokenizer.eos_id] + tokenizer.encode(item["caption"])[:max_len - 2] + [tokenizer.eos_id]
+           for item in batch]
+    T = max(len(t) for t in ids)
+    input_ids = torch.full((len(ids), T), tokenizer.eos_id, dtype=torch.long)
+    text_mask = torch.zeros((len(ids), T), dtype=torch.bool)
+    for i, t in enumerate(ids):
+        input_ids[i, :len(t)] = torch.tensor(t)
+        text_mask[i, :len(t)] = True
+    return {"input_ids": input_ids, "text_mask": text_mask, "skipped": []}
+
+
+def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0):
+    """Micro-batches forever, as a pure function of (seed, rank, position): position `start` (counted
+    in micro-batches) resumes exactly where a run stopped. Each epoch is one DistributedSampler pass
+    (a shuffled shard per process); the ragged tail of an epoch is dropped."""
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // micro_batch
+    if per_epoch == 0:
+        raise SystemExit(f"train.py: error: the dataset ({len(dataset)} items) is smaller than one micro-batch "
+                         f"({micro_batch} per process); lower --batch_size")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * micro_batch: per_epoch * micro_batch]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=order, drop_last=True,
+                                             collate_fn=collate_fn, num_workers=cfg.num_workers,
+                                             persistent_workers=False)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def tiny_lm_config(cfg, tokenizer):
+    prefix = 0 if cfg.vit != "tiny" else (cfg.image_size // cfg.vit_patch) ** 2 + 1
+    return GPTConfig(model_type="gpt2", vocab_size=tokenizer.vocab_size, block_size=prefix + cfg.max_len + 8,
+                     n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
+
+
+def magma_config(cfg, lm):
+    """The MagmaConfig of this run; lm is the GPT instance (tiny) or None (a path in cfg.lm)."""
+    if cfg.vit == "tiny":
+        vit = ViTConfig(image_size=cfg.image_size, patch_size=cfg.vit_patch, width=cfg.vit_width,
+                        layers=cfg.vit_layers, heads=cfg.vit_heads, embed_dim=None)
+    else:
+        vit = cfg.vit
+    adapters = AdapterConfig(kind=cfg.adapter_kind, places=tuple(cfg.adapter_places.split(",")),
+                             downsample=cfg.adapter_downsample)
+    image_size = None if cfg.vit == "tiny" or not cfg.image_size else cfg.image_size  # None: the ViT's own
+    return MagmaConfig(lm=lm.config if lm is not None else cfg.lm, vit=vit, image_size=image_size,
+                       adapters=adapters, prefix_dropout=cfg.prefix_dropout, freeze_vit=cfg.freeze_vit,
+                       tokenizer=cfg.tokenizer or None)
+
+
+def freeze_unused(model):
+    """The prefix reads the ViT's last hidden states, so CLIP's ln_post and projection get no gradient:
+    freeze them (DDP would otherwise wait for their gradients forever)."""
+    for module in (model.vit.ln_post,):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    if model.vit.proj is not None:
+        model.vit.proj.requires_grad_(False)
+
+
+def param_groups(model, cfg):
+    """MAGMA's two AdamW groups: adapters + image prefix at cfg.lr, the image encoder at cfg.vit_lr."""
+    first = adapter_parameters(model.lm) + list(model.prefix.parameters())
+    vit = [p for p in model.vit.parameters() if p.requires_grad]
+    groups = [{"name": "adapters+prefix", "params": [p for p in first if p.requires_grad], "lr": cfg.lr}]
+    if vit:
+        groups.append({"name": "vit", "params": vit, "lr": cfg.vit_lr})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if stray:
+        raise ValueError(f"trainable parameters outside MAGMA's groups: {stray[:5]}")
+    return groups
+
+
+def checkpoint_blocks(blocks):
+    """Gradient checkpointing: each block's activations are recomputed in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class TextLoss(nn.Module):
+    """Stage 1: next-token cross-entropy of a GPT on text alone (positions after the leading eos)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, text_mask):
+        logits = self.lm(input_ids[:, :-1])  # (B, T-1, V)
+        mask = text_mask[:, 1:]
+        return F.cross_entropy(logits[mask].float(), input_ids[:, 1:][mask])
+
+
+def lr_factor(step, total, warmup, schedule, min_ratio):
+    """Learning-rate multiplier at optimizer step `step`: linear warmup, then cosine/linear decay to
+    min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+# ----------------------------------------------------------------------------------------------------
+# Throughput figures for the progress bar (GPU only): tokens/s, MFU against the bf16 dense peak.
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_sample(model, text_len):
+    """Training FLOPs of one sample (weights only, attention ignored): the frozen LM costs a forward
+    (2N) and the backward to its input (2N) per token, image prefix included; the trained ViT a
+    forward and a full backward (6N) per image token."""
+    if isinstance(model, TextLoss):
+        return 6 * sum(p.numel() for p in model.parameters()) * text_len
+    n_lm = sum(p.numel() for p in model.lm.parameters())
+    n_vit = sum(p.numel() for p in model.vit.parameters())
+    vit_tokens = model.vit.config.grid ** 2 + 1
+    return 4 * n_lm * (vit_tokens + text_len) + 6 * n_vit * vit_tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one file, out_dir/ckpt.pt. It is a magma.py checkpoint (Magma.save: config and trained
+# weights) with the training state added under "train": optimizer, scheduler, grad scaler, step,
+# every process's RNG states, the TrainConfig. Written to a temporary file and renamed into place,
+# so a crash mid-write never leaves a broken checkpoint behind.
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
+                                                   for v in np.random.get_state()]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(path, model, train_state):
+    """Magma.save, then the training state added, then an atomic rename."""
+    tmp = f"{path}.model.tmp{os.getpid()}"
+    model.save(tmp)
+    try:
+        checkpoint = torch.load(tmp, map_location="cpu", weights_only=True)
+    finally:
+        os.remove(tmp)
+    checkpoint["train"] = train_state
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_lm(path, lm):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"config": dataclasses.asdict(lm.config), "state_dict": lm.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_lm(path):
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        lm = GPT(GPTConfig(**saved["config"]))
+        lm.load_state_dict(saved["state_dict"])
+    except Exception as e:
+        raise SystemExit(f"train.py: error: {path}: not a stage-1 language model ({type(e).__name__}: {e})")
+    return lm
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop, shared by both stages.
+
+
+class Logger:
+    """JSON Lines records in out_dir/log.jsonl (rank 0 only), plus the console."""
+
+    def __init__(self, dist, path):
+        self.dist, self.path = dist, path
+
+    def log(self, record):
+        if self.dist.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def print(self, *text):
+        if self.dist.main:
+            from tqdm import tqdm
+            tqdm.write(" ".join(str(t) for t in text))
+
+
+def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *, steps, batch_size, groups,
+        schedule, start_step=0, resume_state=None, on_step=None):
+    """Train `model` (an nn.Module) for `steps` optimizer steps; returns the step reached.
+
+    forward(module, batch) -> mean loss over the batch's target tokens; count(batch) -> that number of
+    tokens. Each optimizer step takes cfg.grad_accum micro-batches per process; every micro-batch's
+    loss is weighted by its share of the step's tokens over all processes, so the update equals one
+    process's update on the whole combined batch (with DDP, which averages gradients over processes).
+    on_step(step, module, state) runs after every step (evaluation, checkpoints); it returns True to stop.
+    """
+    from tqdm import tqdm
+    micro = batch_size // (dist.world * cfg.grad_accum)
+    if micro * dist.world * cfg.grad_accum != batch_size:
+        raise SystemExit(f"train.py: error: --batch_size={batch_size} must be a multiple of processes "
+                         f"({dist.world}) x --grad_accum ({cfg.grad_accum})")
+    amp = autocast_dtype(cfg, dist.device)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                  fused=dist.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, *schedule))
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+    params = [p for g in groups for p in g["params"]]
+
+    module = model
+    if dist.world > 1:
+        module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        module = torch.compile(module)
+    stream = batches(dataset, collate_fn, micro, dist, cfg, start=start_step * cfg.grad_accum)
+    peak = peak_flops(dist.device)
+    skipped = resume_state.get("skipped", 0) if resume_state else 0
+    bar = tqdm(total=steps, initial=start_step, desc=stage, disable=not (dist.main and cfg.progress),
+               dynamic_ncols=True, leave=True)
+    model.train()
+    step = start_step
+    t0 = time.perf_counter()
+    while step < steps:
+        micro_batches = [to_device(next(stream), dist.device) for _ in range(cfg.grad_accum)]
+        for b in micro_batches:
+            if b["skipped"]:
+                skipped += len(b["skipped"])
+        n_local = sum(int(count(b)) for b in micro_batches)
+        n_total = dist.all_sum(n_local)
+        loss_sum = 0.0
+        for i, b in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or dist.world == 1) else module.no_sync()
+            with sync:
+                with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
+                    loss = forward(module, b)
+                n = int(count(b))
+                scaler.scale(loss * (n * dist.world / n_total)).backward()
+            loss_sum += loss.item() * n
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        else:
+            grad_norm = None
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+
+        loss_value = dist.all_sum(loss_sum) / n_total
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"train.py: error: {stage} loss is {loss_value} at step {step}; "
+                             "lower the learning rate or use --precision=fp32")
+        elapsed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples_s = batch_size / elapsed
+        record = {"stage": stage, "step": step, "loss": round(loss_value, 6),
+                  "lr": optimizer.param_groups[0]["lr"], "samples_per_s": round(samples_s, 2),
+                  "skipped_images": skipped}
+        if grad_norm is not None:
+            record["grad_norm"] = round(grad_norm, 4)
+        if dist.device.type == "cuda":
+            seq = micro_batches[0]["input_ids"].shape[1]
+            record["tokens_per_s"] = round(dist.all_sum(n_local) / elapsed, 1)
+            record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 2)
+            if peak:
+                record["mfu"] = round(flops_per_sample(model, seq) * samples_s / (peak * dist.world), 4)
+        bar.update(1)
+        bar.set_postfix({k: record[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb")
+                         if k in record}, refresh=False)
+        if step % cfg.log_every == 0 or step == steps:
+            logger.log(record)
+        if on_step is not None:
+            state = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "skipped": skipped}
+            if on_step(step, model, state):
+                break
+    bar.close()
+    if skipped:
+        logger.print(f"{stage}: skipped {skipped} unreadable image(s) (paths in the warnings above)")
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, collate_fn, cfg, device, batch_size):
+    amp = autocast_dtype(cfg, device)
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(min(cfg.eval_batches, max(1, len(dataset) // batch_size))):
+        items = [dataset[j % len(dataset)] for j in range(i * batch_size, (i + 1) * batch_size)]
+        b = to_device(collate_fn(items), device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(b["pixels"], b["input_ids"], b["text_mask"])
+        k = int(b["text_mask"].sum())
+        total, n = total + loss.item() * k, n + k
+    model.train()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def greedy(model, prompts, max_new_tokens, batch_size=100):
+    """Greedy continuations of interleaved prompts, in chunks."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += model.generate(prompts[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
+                              top_k=0, top_p=1.0)
+    return out
+
+
+def shapes_metrics(model, val, cfg, n=None):
+    """Greedy captions and answers for n held-out scenes -> (scores dict, examples, predictions)."""
+    n = min(n or len(val), len(val))
+    examples = [val.example(i) for i in range(n)]
+    max_new = max(len(model.tokenizer.encode(e["caption"])) for e in examples) + 8
+    captions = greedy(model, [[e["image"]] for e in examples], max_new)
+    scores = {f"caption_{k}": v for k, v in data.caption_scores(captions, [e["scene"] for e in examples]).items()}
+    if cfg.qa_fraction > 0:
+        qs = [e["questions"][i % len(e["questions"])] for i, e in enumerate(examples)]  # one question each
+        answers = greedy(model, [[e["image"], data.qa_prompt(q)] for e, (q, _, _) in zip(examples, qs)], 8)
+        scores.update({f"answer_{k}": v for k, v in
+                       data.answer_scores(answers, [a for _, a, _ in qs], [k for _, _, k in qs]).items()})
+    return scores, examples, captions
+
+
+def evaluate(step, model, val, collate_fn, cfg, dist, logger, final=False):
+    """Validation loss, greedy captions of fixed validation images, and (shapes) accuracies."""
+    record = {"stage": "eval", "step": step,
+              "val_loss": round(validation_loss(model, val, collate_fn, cfg, dist.device, 32), 6)}
+    if isinstance(val, data.ShapesDataset):
+        scores, examples, captions = shapes_metrics(model, val, cfg, n=None if final else 200)
+        record.update({k: round(v, 4) for k, v in scores.items()})
+        shown = list(zip(captions, [e["caption"] for e in examples]))[:cfg.eval_images]
+    else:
+        items = [val[i] for i in range(min(cfg.eval_images, len(val)))]
+        captions = greedy(model, [[it["image"]] for it in items], 40)
+        shown = list(zip(captions, [it["caption"] for it in items]))
+        examples = [{"image": it["image"], "caption": it["caption"]} for it in items]
+    record["samples"] = [{"predicted": p, "truth": t} for p, t in shown]
+    logger.log(record)
+    logger.print(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()
+                                               if k not in ("stage", "step", "samples")))
+    for p, t in shown:
+        logger.print(f"  {p!r}  (truth: {t!r})")
+    model.train()
+    return record, examples, captions
+
+
+def draw_grid(path, examples, captions, columns=4, cell=160):
+    """A PNG of images with their predicted captions under them (green: exact, red: wrong)."""
+    font = ImageFont.load_default()
+    rows = math.ceil(len(examples) / columns)
+    text_h = 64
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (e, c) in enumerate(zip(examples, captions)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        grid.paste(e["image"].convert("RGB").resize((cell - 8, cell - 8), Image.Resampling.NEAREST), (x + 4, y + 4))
+        colour = (0, 130, 0) if c.strip() == e["caption"] else (200, 0, 0)
+        words, lines = c.split(), [""]
+        for w in words:  # wrap to the cell width
+            if draw.textlength(lines[-1] + " " + w, font=font) > cell - 8 and lines[-1]:
+                lines.append(w)
+            else:
+                lines[-1] = (lines[-1] + " " + w).strip()
+        draw.multiline_text((x + 4, y + cell), "\n".join(lines[:5]), fill=colour, font=font, spacing=2)
+    grid.save(path)
+
+
+def final_report(model, val, collate_fn, cfg, dist, logger, step):
+    """What the default run ends with: captions beside the truth, samples.png, held-out accuracy."""
+    record, examples, captions = evaluate(step, model, val, collate_fn, cfg, dist, logger, final=True)
+    n_show = min(12, len(examples))
+    print("\nheld-out images, greedy caption vs truth:")
+    for e, c in list(zip(examples, captions))[:n_show]:
+        print(f"  {'ok' if c.strip() == e['caption'] else '--'}  {c.strip():<80s} | {e['caption']}")
+    grid_path = os.path.join(cfg.out_dir, "samples.png")
+    draw_grid(grid_path, examples[:16], captions[:16])
+    print(f"\nwrote {grid_path}")
+    if "caption_exact" in record:
+        line = (f"held-out exact match: captions {100 * record['caption_exact']:.1f}% of {len(examples)} scenes "
+                f"(count {100 * record['caption_count']:.1f}%, "
+                + ", ".join(f"{a} {100 * record['caption_' + a]:.1f}%" for a in data.ATTRIBUTES) + ")")
+        if "answer_exact" in record:
+            line += f"; answers {100 * record['answer_exact']:.1f}%"
+        print(line)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    cfg, given = parse_config(argv)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resume = None
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"train.py: error: --resume: no checkpoint at {ckpt_path}")
+        try:
+            resume = read_magma_checkpoint(ckpt_path)["train"]
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"train.py: error: --resume: {ckpt_path} is not a train.py checkpoint ({e})")
+        # The same run: its saved config, with what this command line changes (e.g. more --steps).
+        given = {k: v for k, v in given.items() if k != "resume"}
+        cfg = dataclasses.replace(TrainConfig(**json.loads(resume["config"])), **given, resume=True)
+        check_config(cfg)
+    dist = setup(cfg)
+    if dist.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    dist.barrier()
+    logger = Logger(dist, os.path.join(cfg.out_dir, "log.jsonl"))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights
+    train_set, val_set = make_datasets(cfg)
+    tokenizer = ByteTokenizer() if cfg.lm == "tiny" and not cfg.tokenizer else None
+    t_start = time.perf_counter()
+
+    # Stage 1: the "pretrained" language model (tiny LM only), then stage 2 around it.
+    if resume is not None:
+        model = Magma.load(ckpt_path)
+        start_step = resume["step"]
+        logger.print(f"resuming {ckpt_path} at step {start_step}")
+    else:
+        lm = None
+        if cfg.lm == "tiny":
+            lm_path = os.path.join(cfg.out_dir, "lm.pt")
+            if os.path.isfile(lm_path) and cfg.lm_steps > 0 and not given.get("lm_steps"):
+                lm = load_lm(lm_path)
+                logger.print(f"stage 1: reusing the language model in {lm_path}")
+            else:
+                lm = GPT(tiny_lm_config(cfg, tokenizer))
+                if cfg.lm_steps > 0:
+                    pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger)
+                    if dist.main:
+                        save_lm(lm_path, lm)
+        model = Magma(magma_config(cfg, lm), lm=lm, tokenizer=tokenizer)
+        start_step = 0
+    model.to(dist.device)
+    freeze_unused(model)
+    if cfg.grad_checkpointing:
+        checkpoint_blocks(list(model.lm.transformer.h) + list(model.vit.blocks))
+    torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on
+    if resume is not None:
+        set_rng_state(resume["rng"][dist.rank] if len(resume["rng"]) == dist.world else resume["rng"][0])
+    logger.print(adapter_report(model, model.lm))
+
+    collate_fn = functools.partial(data.collate, tokenizer=model.tokenizer, image_size=model.image_size,
+                                   max_len=cfg.max_len)
+    stopped = {"early": False}
+    steps_this_run = [0]
+
+    def on_step(step, module, state):
+        steps_this_run[0] += 1
+        stop = cfg.stop_after > 0 and steps_this_run[0] >= cfg.stop_after and step < cfg.steps
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
+            rngs = [rng_state()]
+            if dist.world > 1:
+                rngs = [None] * dist.world
+                torch_dist.all_gather_object(rngs, rng_state())
+            if dist.main:
+                save_checkpoint(ckpt_path, model, {
+                    "step": step, "optimizer": state["optimizer"].state_dict(),
+                    "scheduler": state["scheduler"].state_dict(), "scaler": state["scaler"].state_dict(),
+                    "rng": rngs, "skipped": state["skipped"], "world": dist.world,
+                    "config": json.dumps(dataclasses.asdict(cfg))})
+            dist.barrier()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if dist.main:
+                evaluate(step, model, val_set, collate_fn, cfg, dist, logger)
+            dist.barrier()
+        stopped["early"] = stop
+        return stop
+
+    step = fit("stage 2: magma", model,
+               lambda m, b: m(b["pixels"], b["input_ids"], b["text_mask"]),
+               lambda b: b["text_mask"].sum(), train_set, collate_fn, cfg, dist, logger,
+               steps=cfg.steps, batch_size=cfg.batch_size, groups=param_groups(model, cfg),
+               schedule=(cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio), start_step=start_step,
+               resume_state=resume, on_step=on_step)
+    if stopped["early"]:
+        logger.print(f"stopped after step {step} of {cfg.steps}; continue with --resume --out_dir={cfg.out_dir}")
+        return None
+    record = None
+    if dist.main:
+        record = final_report(model, val_set, collate_fn, cfg, dist, logger, step)
+        minutes = (time.perf_counter() - t_start) / 60
+        print(f"checkpoint: {ckpt_path} ({minutes:.1f} min); caption an image with\n"
+              f"  python magma.py --checkpoint {ckpt_path} --image IMAGE.png --temperature 0")
+    dist.barrier()
+    if dist.world > 1:
+        torch_dist.destroy_process_group()
+    return record
+
+
+def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
+    """Stage 1: train every weight of the tiny GPT on the training texts alone."""
+    lm.to(dist.device)
+    texts = Texts(train_set)
+    loss = TextLoss(lm)
+    fit("stage 1: language model", loss, lambda m, b: m(b["input_ids"], b["text_mask"]),
+        lambda b: b["text_mask"][:, 1:].sum(), texts,
+        functools.partial(collate_text, tokenizer=tokenizer, max_len=cfg.max_len), cfg, dist, logger,
+        steps=cfg.lm_steps, batch_size=cfg.lm_batch_size,
+        groups=[{"name": "lm", "params": list(lm.parameters()), "lr": cfg.lm_lr}],
+        schedule=(min(50, cfg.lm_steps // 10), "cosine", 0.1))
+    lm.eval()
+    lm.cpu()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not False else 1)

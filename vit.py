@@ -1,0 +1,521 @@
+"""The vision transformer (CLIP-style) and its loaders for public CLIP checkpoints.
+
+CLIP's image tower (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", section 2.4), which MAGMA uses as its image encoder (arXiv 2112.05253, section 3.1):
+
+    pixels (B, 3, S, S)
+      -> conv1: a stride-p convolution without bias, i.e. one linear map per p x p patch  (B, N, width)
+      -> prepend a learned class token, add learned position embeddings                   (B, 1+N, width)
+      -> ln_pre, then `layers` pre-norm residual blocks: x + attn(ln_1(x)), x + mlp(ln_2(x))
+      => forward() returns these hidden states                                            (B, 1+N, width)
+      -> ln_post on the class token, @ proj                                                (B, embed_dim)
+      => encode_image() returns CLIP's image embedding
+
+MAGMA feeds the hidden states (not the pooled embedding) to its image prefix.
+
+Loaders (`ViT.from_pretrained`) read the two formats users have on disk, by explicit name tables:
+- an OpenAI CLIP archive (`ViT-B-16.pt`): a TorchScript archive of fp16 weights, or a plain state dict
+  with the same names (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`...);
+  the size is read off the tensor shapes, as OpenAI's own `build_model` does;
+- a Hugging Face CLIP directory (`CLIPModel`, `CLIPVisionModel` or `CLIPVisionModelWithProjection`).
+The text tower in either file is skipped; every vision tensor is checked (gpt.load_checked).
+
+`python vit.py PATH --image photo.jpg [--compare]` is the sanity check for a downloaded checkpoint.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import zipfile
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import attention
+from gpt import load_checked, read_checkpoint_file, read_safetensors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's sigmoid approximation of GELU; its checkpoints were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # "gelu" is the exact (erf) GELU
+
+
+@dataclass
+class ViTConfig:
+    """Sizes of a CLIP vision transformer. Defaults are ViT-B/32."""
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    embed_dim: int | None = 512  # None: no projection (a CLIPVisionModel checkpoint has none)
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation act={self.act!r}; supported: {sorted(ACTIVATIONS)}")
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def hidden(self):
+        return round(self.width * self.mlp_ratio)
+
+
+# The published CLIP sizes (Radford et al., 2021, table 20). Heads are width // 64 throughout.
+PRESETS = {
+    "ViT-B/32": ViTConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12, embed_dim=512),
+    "ViT-B/16": ViTConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=512),
+    "ViT-L/14": ViTConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768),
+    "ViT-L/14@336": ViTConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask: every patch sees every patch)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.width, 3 * config.width)  # rows [q; k; v], OpenAI's in_proj layout
+        self.proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        y = attention(q, k, v)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """width -> hidden -> width with QuickGELU or GELU in between."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.width, config.hidden)
+        self.c_proj = nn.Linear(config.hidden, config.width)
+        self.act = ACTIVATIONS[config.act]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """CLIP's vision transformer: forward() gives hidden states, encode_image() the CLIP embedding."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        w = config.width
+        scale = w ** -0.5  # OpenAI's initialisation of the embeddings and the projection
+        # A convolution with kernel = stride = patch is one shared linear map per non-overlapping patch.
+        self.conv1 = nn.Conv2d(3, w, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid ** 2 + 1, w))
+        self.ln_pre = nn.LayerNorm(w, eps=config.ln_eps)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
+        self.ln_post = nn.LayerNorm(w, eps=config.ln_eps)
+        self.proj = None if config.embed_dim is None else nn.Parameter(scale * torch.randn(w, config.embed_dim))
+
+    def forward(self, pixels):
+        """pixels (B, 3, S, S), CLIP-normalised -> the last block's hidden states (B, 1+N, width)."""
+        S = self.config.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixels must have shape (B, 3, {S}, {S}) for this ViT, got {tuple(pixels.shape)}")
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, width), patches in row-major order
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+N, width)
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def encode_image(self, pixels):
+        """pixels (B, 3, S, S) -> CLIP's image embedding (B, embed_dim): ln_post(class token) @ proj."""
+        if self.proj is None:
+            raise ValueError("this ViT has no projection (embed_dim=None, e.g. loaded from a CLIPVisionModel "
+                             "checkpoint), so encode_image is unavailable; forward() gives the hidden states")
+        x = self.forward(pixels)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim)
+
+    @classmethod
+    def from_pretrained(cls, path, image_size=None, dtype=torch.float32):
+        """Load an OpenAI CLIP archive (.pt file) or a Hugging Face CLIP directory.
+
+        image_size: build the model for this input size instead of the checkpoint's, interpolating the
+        position embedding over the patch grid. dtype: of the returned model (fp16 archives load as fp32).
+        """
+        if os.path.isdir(path):
+            config, state_dict, source = read_hf_clip(path)
+        elif os.path.isfile(path):
+            config, state_dict, source = read_openai_clip(path)
+        else:
+            raise FileNotFoundError(f"no CLIP checkpoint at {path}: expected an OpenAI CLIP archive (.pt) "
+                                    "or a Hugging Face CLIP directory")
+        if image_size is not None and image_size != config.image_size:
+            new = replace(config, image_size=image_size)  # validates image_size against patch_size
+            pos = state_dict.get("positional_embedding")
+            if pos is not None and pos.shape[0] == config.grid ** 2 + 1:  # else load_checked names the bad shape
+                state_dict["positional_embedding"] = resize_positional_embedding(pos, new.grid)
+            config = new
+        model = load_checked(cls(config), state_dict, source)
+        return model.to(dtype).eval()
+
+
+def resize_positional_embedding(pos, grid):
+    """(1 + g*g, width) -> (1 + grid*grid, width): bicubic over the 2-D patch grid, class position kept."""
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    g = math.isqrt(patch_pos.shape[0])
+    width = pos.shape[1]
+    patch_pos = patch_pos.float().reshape(1, g, g, width).permute(0, 3, 1, 2)  # (1, width, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, width)  # (grid*grid, width)
+    return torch.cat([cls_pos, patch_pos.to(pos.dtype)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading public checkpoints: one visible table per format, checkpoint name -> our name.
+# "{i}" stands for the block number.
+
+OPENAI_NAMES = {
+    "visual.conv1.weight": "conv1.weight",
+    "visual.class_embedding": "class_embedding",
+    "visual.positional_embedding": "positional_embedding",
+    "visual.ln_pre.weight": "ln_pre.weight",
+    "visual.ln_pre.bias": "ln_pre.bias",
+    "visual.transformer.resblocks.{i}.ln_1.weight": "blocks.{i}.ln_1.weight",
+    "visual.transformer.resblocks.{i}.ln_1.bias": "blocks.{i}.ln_1.bias",
+    "visual.transformer.resblocks.{i}.attn.in_proj_weight": "blocks.{i}.attn.qkv.weight",
+    "visual.transformer.resblocks.{i}.attn.in_proj_bias": "blocks.{i}.attn.qkv.bias",
+    "visual.transformer.resblocks.{i}.attn.out_proj.weight": "blocks.{i}.attn.proj.weight",
+    "visual.transformer.resblocks.{i}.attn.out_proj.bias": "blocks.{i}.attn.proj.bias",
+    "visual.transformer.resblocks.{i}.ln_2.weight": "blocks.{i}.ln_2.weight",
+    "visual.transformer.resblocks.{i}.ln_2.bias": "blocks.{i}.ln_2.bias",
+    "visual.transformer.resblocks.{i}.mlp.c_fc.weight": "blocks.{i}.mlp.c_fc.weight",
+    "visual.transformer.resblocks.{i}.mlp.c_fc.bias": "blocks.{i}.mlp.c_fc.bias",
+    "visual.transformer.resblocks.{i}.mlp.c_proj.weight": "blocks.{i}.mlp.c_proj.weight",
+    "visual.transformer.resblocks.{i}.mlp.c_proj.bias": "blocks.{i}.mlp.c_proj.bias",
+    "visual.ln_post.weight": "ln_post.weight",
+    "visual.ln_post.bias": "ln_post.bias",
+    "visual.proj": "proj",  # stored [width, embed_dim], used as x @ proj: no transpose
+}
+
+# Hugging Face keeps q, k, v as three Linears; they are renamed to attn.q/k/v here and stacked into our
+# qkv (rows [q; k; v]) by fuse_qkv. HF's Linear for the projection is [embed_dim, width]: transposed.
+HF_NAMES = {
+    "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+    "vision_model.embeddings.class_embedding": "class_embedding",
+    "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+    "vision_model.pre_layrnorm.weight": "ln_pre.weight",  # sic: the real checkpoints spell it so
+    "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+    "vision_model.encoder.layers.{i}.layer_norm1.weight": "blocks.{i}.ln_1.weight",
+    "vision_model.encoder.layers.{i}.layer_norm1.bias": "blocks.{i}.ln_1.bias",
+    "vision_model.encoder.layers.{i}.self_attn.q_proj.weight": "blocks.{i}.attn.q.weight",
+    "vision_model.encoder.layers.{i}.self_attn.q_proj.bias": "blocks.{i}.attn.q.bias",
+    "vision_model.encoder.layers.{i}.self_attn.k_proj.weight": "blocks.{i}.attn.k.weight",
+    "vision_model.encoder.layers.{i}.self_attn.k_proj.bias": "blocks.{i}.attn.k.bias",
+    "vision_model.encoder.layers.{i}.self_attn.v_proj.weight": "blocks.{i}.attn.v.weight",
+    "vision_model.encoder.layers.{i}.self_attn.v_proj.bias": "blocks.{i}.attn.v.bias",
+    "vision_model.encoder.layers.{i}.self_attn.out_proj.weight": "blocks.{i}.attn.proj.weight",
+    "vision_model.encoder.layers.{i}.self_attn.out_proj.bias": "blocks.{i}.attn.proj.bias",
+    "vision_model.encoder.layers.{i}.layer_norm2.weight": "blocks.{i}.ln_2.weight",
+    "vision_model.encoder.layers.{i}.layer_norm2.bias": "blocks.{i}.ln_2.bias",
+    "vision_model.encoder.layers.{i}.mlp.fc1.weight": "blocks.{i}.mlp.c_fc.weight",
+    "vision_model.encoder.layers.{i}.mlp.fc1.bias": "blocks.{i}.mlp.c_fc.bias",
+    "vision_model.encoder.layers.{i}.mlp.fc2.weight": "blocks.{i}.mlp.c_proj.weight",
+    "vision_model.encoder.layers.{i}.mlp.fc2.bias": "blocks.{i}.mlp.c_proj.bias",
+    "vision_model.post_layernorm.weight": "ln_post.weight",
+    "vision_model.post_layernorm.bias": "ln_post.bias",
+    "visual_projection.weight": "proj",
+}
+HF_TRANSPOSED = {"visual_projection.weight"}
+
+
+def rename(state_dict, table):
+    """Translate names through `table`; names it does not know pass unchanged, so that load_checked
+    reports them as unexpected under the checkpoint's own name."""
+    out = {}
+    for name, tensor in state_dict.items():
+        generic = re.sub(r"\.(\d+)\.", ".{i}.", name, count=1)
+        target = table.get(generic)
+        if target is None:
+            out[name] = tensor
+        else:
+            block = re.search(r"\.(\d+)\.", name)
+            out[target.format(i=block.group(1)) if block else target] = tensor
+    return out
+
+
+def is_torchscript(path):
+    """A TorchScript archive is a zip holding compiled code and constants.pkl (torch.save zips have neither)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def read_openai_state_dict(path):
+    """The raw state dict of an OpenAI CLIP archive: TorchScript (as released) or a plain state dict."""
+    if is_torchscript(path):
+        try:
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            raise ValueError(f"{path}: could not load the TorchScript archive ({type(e).__name__}: {e})") from None
+    return read_checkpoint_file(path)
+
+
+def read_openai_clip(path):
+    """OpenAI CLIP archive -> (ViTConfig, state dict in our names, source). Sizes come from the shapes."""
+    raw = read_openai_state_dict(path)
+    if "visual.layer1.0.conv1.weight" in raw:
+        raise ValueError(f"{path}: a ResNet CLIP checkpoint (RN50 family); only the ViT models are supported")
+    if not any(k.startswith("visual.") for k in raw) and "conv1.weight" in raw:
+        raw = {"visual." + k: v for k, v in raw.items()}  # a bare vision tower saved on its own
+    if "visual.conv1.weight" not in raw:
+        raise ValueError(f"{path}: not an OpenAI CLIP checkpoint (no tensor 'visual.conv1.weight'; "
+                         f"found e.g. {sorted(raw)[:5]})")
+    # Everything outside visual.* is the text tower (and scalars like input_resolution): skipped.
+    visual = {k: v for k, v in raw.items() if k.startswith("visual.")}
+    for name in ("visual.positional_embedding", "visual.proj"):
+        if name not in visual:
+            raise ValueError(f"{path}: missing tensor {name!r} (needed to infer the model size)")
+    width, _, patch, _ = visual["visual.conv1.weight"].shape
+    n_pos = visual["visual.positional_embedding"].shape[0]
+    grid = math.isqrt(n_pos - 1)
+    if grid * grid + 1 != n_pos:
+        raise ValueError(f"{path}: tensor 'visual.positional_embedding' has {n_pos} rows, not 1 + a square grid")
+    blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
+    config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
+                       heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
+    return config, rename(visual, OPENAI_NAMES), path
+
+
+HF_VISION_DEFAULTS = {  # transformers' CLIPVisionConfig defaults, for keys an older config.json leaves out
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def read_hf_weights(path):
+    """The weights of a Hugging Face directory: one safetensors file, sharded safetensors, or a .bin."""
+    for name in HF_WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if name.endswith(".index.json"):
+            with open(file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state_dict = {}
+            for shard in shards:
+                state_dict.update(read_safetensors(os.path.join(path, shard)))
+            return state_dict, file
+        return read_checkpoint_file(file), file
+    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)})")
+
+
+def read_hf_clip(path):
+    """Hugging Face CLIP directory -> (ViTConfig, state dict in our names, source)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model directory")
+    with open(config_file) as f:
+        hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type == "clip":
+        vision = hf.get("vision_config") or {}
+    elif model_type == "clip_vision_model":
+        vision = hf
+    else:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a CLIP model; "
+                         "supported: 'clip', 'clip_vision_model'")
+    v = {**HF_VISION_DEFAULTS, **vision}
+    raw, source = read_hf_weights(path)
+    if model_type == "clip_vision_model" and not any(k.startswith("vision_model.") for k in raw):
+        # transformers >= 5 saves a CLIPVisionModel without the "vision_model." prefix older files have
+        raw = {(k if k == "visual_projection.weight" else "vision_model." + k): t for k, t in raw.items()}
+    if model_type == "clip":
+        embed_dim = hf.get("projection_dim", 512)
+    else:  # CLIPVisionModelWithProjection has the projection, CLIPVisionModel does not
+        embed_dim = raw["visual_projection.weight"].shape[0] if "visual_projection.weight" in raw else None
+    act = {"quick_gelu": "quick_gelu", "gelu": "gelu"}.get(v["hidden_act"])
+    if act is None:
+        raise ValueError(f"{config_file}: hidden_act {v['hidden_act']!r} is not supported; "
+                         "supported: 'quick_gelu', 'gelu'")
+    image_size, patch_size = (int(s[0]) if isinstance(s, (list, tuple)) else int(s)
+                              for s in (v["image_size"], v["patch_size"]))
+    config = ViTConfig(image_size=image_size, patch_size=patch_size, width=v["hidden_size"],
+                       layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                       mlp_ratio=v["intermediate_size"] / v["hidden_size"], embed_dim=embed_dim,
+                       act=act, ln_eps=v["layer_norm_eps"])
+    # Skipped: the text tower, the logit scale, and the position_ids index buffers old files carry.
+    kept = {k: t for k, t in raw.items()
+            if not (k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"
+                    or k.endswith("position_ids"))}
+    kept = {k: (t.t() if k in HF_TRANSPOSED else t) for k, t in kept.items()}
+    return config, fuse_qkv(rename(kept, HF_NAMES), config, source), source
+
+
+def fuse_qkv(state_dict, config, source):
+    """Stack each block's separate q, k, v (weight and bias) into our qkv, rows [q; k; v]."""
+    w = config.width
+    for i in range(config.layers):
+        for kind, shape in (("weight", (w, w)), ("bias", (w,))):
+            names = [f"blocks.{i}.attn.{p}.{kind}" for p in "qkv"]
+            present = [n in state_dict for n in names]
+            if not any(present):
+                continue  # load_checked reports the missing qkv
+            for p, name in zip("qkv", names):
+                hf_name = f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"
+                if name not in state_dict:
+                    raise ValueError(f"{source}: missing tensor {hf_name!r}")
+                if tuple(state_dict[name].shape) != shape:
+                    raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(state_dict[name].shape)}, "
+                                     f"the model expects {shape}")
+            state_dict[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([state_dict.pop(n) for n in names])
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: load a checkpoint, embed one image, optionally compare with the reference implementation.
+
+
+def load_reference_openai_model_file():
+    """OpenAI's clip/model.py from the clip-anytorch package, imported by file path (its __init__ needs
+    torchvision)."""
+    import importlib.util
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("--compare on an OpenAI archive needs the clip-anytorch package (pip install --no-deps)")
+    file = os.path.join(list(spec.submodule_search_locations)[0], "model.py")
+    module_spec = importlib.util.spec_from_file_location("openai_clip_model", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def compare_with_reference(path, model, pixels):
+    """Run the reference implementation on the same checkpoint and pixels; return {output: max abs diff}."""
+    ours_hidden = model(pixels)
+    ours_embed = model.encode_image(pixels) if model.proj is not None else None
+    if os.path.isdir(path):
+        import transformers
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f)["model_type"]
+        if model_type == "clip":
+            ref = transformers.CLIPModel.from_pretrained(path).float().eval()
+            ref_hidden = ref.vision_model(pixel_values=pixels).last_hidden_state
+            out = ref.get_image_features(pixel_values=pixels)
+            ref_embed = out if isinstance(out, torch.Tensor) else out.pooler_output
+        elif ours_embed is None:
+            ref = transformers.CLIPVisionModel.from_pretrained(path).float().eval()
+            ref_hidden, ref_embed = ref(pixel_values=pixels).last_hidden_state, None
+        else:
+            ref = transformers.CLIPVisionModelWithProjection.from_pretrained(path).float().eval()
+            out = ref(pixel_values=pixels)
+            ref_hidden, ref_embed = out.last_hidden_state, out.image_embeds
+    else:
+        clip_model = load_reference_openai_model_file()
+        c = model.config
+        ref = clip_model.VisionTransformer(input_resolution=c.image_size, patch_size=c.patch_size, width=c.width,
+                                           layers=c.layers, heads=c.heads, output_dim=c.embed_dim)
+        raw = read_openai_state_dict(path)
+        if not any(k.startswith("visual.") for k in raw):
+            raw = {"visual." + k: v for k, v in raw.items()}
+        ref.load_state_dict({k[len("visual."):]: v for k, v in raw.items() if k.startswith("visual.")})
+        ref = ref.float().eval()
+        captured = {}
+        ref.transformer.register_forward_hook(lambda m, i, o: captured.update(hidden=o.permute(1, 0, 2)))
+        ref_embed = ref(pixels)  # OpenAI runs the blocks sequence-first (L, B, D); the hook turns it back
+        ref_hidden = captured["hidden"]
+    diffs = {"hidden states": (ours_hidden - ref_hidden).abs().max().item()}
+    if ours_embed is not None:
+        diffs["image embedding"] = (ours_embed - ref_embed).abs().max().item()
+    return diffs
+
+
+def main(argv=None):
+    """Entry point of `python vit.py PATH --image photo.jpg [--compare]`."""
+    parser = argparse.ArgumentParser(description="Load a CLIP vision transformer and embed one image: "
+                                                 "a sanity check for a downloaded checkpoint.")
+    parser.add_argument("path", help="OpenAI CLIP archive (e.g. ViT-B-16.pt) or Hugging Face CLIP directory")
+    parser.add_argument("--image", help="image file (default: a synthetic colour gradient)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the reference implementation (transformers for a directory, OpenAI's "
+                             "clip/model.py for an archive) and print the largest absolute difference")
+    args = parser.parse_args(argv)
+    try:
+        from PIL import Image
+
+        from data import clip_preprocess
+        model = ViT.from_pretrained(args.path)
+        print(f"config: {asdict(model.config)}")
+        print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+        if args.image is None:
+            image = Image.merge("RGB", [Image.linear_gradient("L"), Image.linear_gradient("L").rotate(90),
+                                        Image.new("L", (256, 256), 128)])
+        else:
+            try:
+                image = Image.open(args.image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {args.image}: {e}") from None
+        pixels = clip_preprocess(image, model.config.image_size)[None]  # (1, 3, S, S)
+        with torch.no_grad():
+            hidden = model(pixels)
+            print(f"hidden states: {tuple(hidden.shape)}")
+            if model.proj is not None:
+                embedding = model.encode_image(pixels)[0]
+                print(f"image embedding: ({embedding.shape[0]},) norm {embedding.norm().item():.4f} "
+                      f"first values {[round(x, 4) for x in embedding[:5].tolist()]}")
+            else:
+                print("image embedding: none (this checkpoint has no projection)")
+        if args.compare:
+            for what, diff in compare_with_reference(args.path, model, pixels).items():
+                print(f"max abs diff vs reference, {what}: {diff:.3e}")
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"vit.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
