@@ -59,7 +59,8 @@ Masks. Key blocks entirely above the causal diagonal are skipped (the loop bound
 key blocks entirely below it run without any mask arithmetic; only the few blocks that cross the
 diagonal or the ragged end of the sequence (197 ViT tokens is not a multiple of 64) pay for the
 mask. A row that sees no key ends with l = 0: it stores O = 0 and lse = +inf, so the backward's
-P = exp(S - inf) = 0 and its gradients are exactly 0 (lse = -inf would give exp(+inf) = inf there).
+P = exp(S - inf) = 0 and its gradients are exactly 0 even before any mask is applied (lse = -inf
+would give P = exp(+inf) = inf, and inf * 0 = NaN wherever a mask does not catch it).
 
 Decoding (Tq = 1 against a long cache): one query row cannot fill a 128-row block, and B*H programs
 are too few to keep an H100's 132 SMs busy. The decode path ("flash-decoding") splits the keys into

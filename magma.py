@@ -321,7 +321,7 @@ class Magma(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=x.device)
             out = []
             for step in range(max_new_tokens):
-                logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
+                logits = self.lm.lm_head(hidden[:, 0]).float()  # (B, V)
                 logits[:, self.tokenizer.vocab_size:] = float("-inf")  # LM rows the tokenizer cannot decode
                 token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)

@@ -43,7 +43,7 @@ def make_reference(name, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm_gain = p.dim() == 1 and ("ln" in name or "norm" in name) and name.endswith("weight")
-            p.copy_(1 + 0.1 * torch.randn_like(p)) if is_norm_gain else p.normal_(0.0, 0.15)
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if is_norm_gain else p.normal_(0.0, 0.15 if p.dim() > 1 else 0.02)
     return model.eval()
 
 
