@@ -97,9 +97,11 @@ class Adapter(nn.Module):
                 nn.init.trunc_normal_(linear.bias, std=init_std, a=-2 * init_std, b=2 * init_std)
 
     def forward(self, x):  # (B, T, d) -> (B, T, d)
-        h = self.ln(x) if self.ln is not None else x
+        h = x.to(self.down.weight.dtype)  # a bf16/fp16 frozen model may hold fp32 adapters
+        h = self.ln(h) if self.ln is not None else h
         h = self.up(ACTIVATIONS[self.activation](self.down(h)))  # (B, T, d/downsample) -> (B, T, d)
-        return h * self.scale if self.scale is not None else h
+        h = h * self.scale if self.scale is not None else h
+        return h.to(x.dtype)
 
 
 class LoRA(nn.Module):
@@ -113,7 +115,8 @@ class LoRA(nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x):  # (..., d_in) -> (..., d_out)
-        return (x @ self.A.t()) @ self.B.t() * self.scaling
+        h = x.to(self.A.dtype)
+        return ((h @ self.A.t()) @ self.B.t() * self.scaling).to(x.dtype)  # (..., r) -> (..., d_out)
 
 
 class Adapted(nn.Module):
@@ -155,11 +158,12 @@ def add_adapters(model, config):
 
     Bottleneck kinds wrap `block.mlp` and/or `block.attn` (config.places); LoRA wraps every nn.Linear
     inside each block whose block-relative name is, or lies under, one of config.lora_targets. The new
-    modules sit on the model's device and dtype and are trainable; freeze the model first.
+    modules are trainable, on the model's device, in float32 whatever the model's dtype (trained weights
+    want full precision; they cast activations on the way in and out); freeze the model first.
     """
     blocks = model.transformer.h
     layers = range(len(blocks)) if config.layers is None else config.layers
-    ref = next(model.parameters())
+    device = next(model.parameters()).device
     added = []
     for i in layers:
         if not 0 <= i < len(blocks):
@@ -175,7 +179,7 @@ def add_adapters(model, config):
                                  f"{[n for n, m in block.named_modules() if isinstance(m, nn.Linear)]}")
             for _, parent, attr, linear in linears:
                 lora = LoRA(linear.in_features, linear.out_features, config.lora_r, config.lora_alpha)
-                lora.to(device=ref.device, dtype=ref.dtype)
+                lora.to(device)
                 setattr(parent, attr, Adapted(linear, lora, parallel=True))
                 added.append(lora)
             continue
@@ -185,7 +189,7 @@ def add_adapters(model, config):
                 raise ValueError(f"block {i} has no {place!r} sub-module to put an adapter on")
             adapter = Adapter(model.config.n_embd, config.downsample, config.activation, config.layernorm,
                               config.init, config.init_std, scaled=config.kind == "scaled_parallel")
-            adapter.to(device=ref.device, dtype=ref.dtype)
+            adapter.to(device)
             setattr(block, place, Adapted(module, adapter, parallel=config.kind != "sequential"))
             added.append(adapter)
     return added

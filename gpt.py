@@ -142,22 +142,22 @@ ACTIVATIONS = {  # Hugging Face's activation names -> function
 @dataclass
 class GPTConfig:
     """Shape and family of a GPT decoder. Fields left as None take the family's value (FAMILIES)."""
-    model_type: str = "gpt2"        # "gpt2" | "gptj" | "gpt_neox"
+    model_type: str = "gpt2"                # "gpt2" | "gptj" | "gpt_neox"
     vocab_size: int = 50257
-    block_size: int = 1024          # longest sequence (learned position table size for GPT-2)
+    block_size: int = 1024                  # longest sequence (learned position table size for GPT-2)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_inner: int = None             # MLP width; None = 4 * n_embd
-    activation: str = None          # a key of ACTIVATIONS
+    n_inner: int | None = None              # MLP width; None = 4 * n_embd
+    activation: str | None = None           # a key of ACTIVATIONS
     layer_norm_eps: float = 1e-5
-    rotary_dim: int = None          # rotated dims per head; None = all (GPT-J) or a quarter (NeoX)
+    rotary_dim: int | None = None           # rotated dims per head; None = all (GPT-J) or a quarter (NeoX)
     rotary_base: float = 10000.0
-    parallel_residual: bool = None  # x + attn(ln(x)) + mlp(ln'(x)) instead of two residual steps
-    attn_bias: bool = None          # biases on the qkv and output projections
-    lm_head_bias: bool = None
-    tie_word_embeddings: bool = None  # lm_head shares the token embedding matrix
-    scale_attn_weights: bool = True  # GPT-2 flags: divide scores by sqrt(head dim) ...
+    parallel_residual: bool | None = None   # x + attn(ln(x)) + mlp(ln'(x)) instead of two residual steps
+    attn_bias: bool | None = None           # biases on the qkv and output projections
+    lm_head_bias: bool | None = None
+    tie_word_embeddings: bool | None = None  # lm_head shares the token embedding matrix
+    scale_attn_weights: bool = True         # GPT-2 flags: divide scores by sqrt(head dim) ...
     scale_attn_by_inverse_layer_idx: bool = False  # ... and by layer index + 1
     dropout: float = 0.0
 
@@ -211,6 +211,7 @@ def rotary_cos_sin(positions, rotary_dim, base, dtype):
 def apply_rotary(x, cos, sin, style):
     """Rotate the first rotary_dim dims of each head of x (B, H, T, D); the rest pass through."""
     R = 2 * cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q/k may be lower precision than x
     rot, rest = x[..., :R], x[..., R:]
     if style == "interleaved":
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -240,7 +241,8 @@ class KVCache:
         end = self.length + T
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, length+T, D)
+        # (B, H, length+T, D); the cast is a no-op unless autocast computes k, v in another dtype
+        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -692,7 +694,7 @@ def convert_checkpoint(state, origin, config, path):
             tensor = tensor.t()
         elif how == "heads":
             H = config.n_head
-            tensor = tensor.view(H, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+            tensor = tensor.reshape(H, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
         if how in ("q", "k", "v"):
             parts.setdefault(ours, {})[how] = tensor
         else:

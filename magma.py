@@ -321,13 +321,12 @@ class Magma(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=x.device)
             out = []
             for step in range(max_new_tokens):
-                logits = self.lm.lm_head(hidden[:, 0]).float()  # (B, V)
+                logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
                 logits[:, self.tokenizer.vocab_size:] = float("-inf")  # LM rows the tokenizer cannot decode
                 token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)
                 if eos_id is not None:
-                    token = torch.where(done, torch.full_like(token, eos_id), token)
-                    done |= token == eos_id
+                    done |= token == eos_id  # a finished row runs on with the others; its tail is cut below
                 out.append(token)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break

@@ -67,6 +67,18 @@ def test_added_modules_and_sizes():
     assert not isinstance(lm.transformer.h[0].mlp, Adapted)
 
 
+@pytest.mark.parametrize("kind", ["sequential", "parallel", "scaled_parallel"])
+def test_inserted_adapter_reads_the_right_input(kind):
+    lm = tiny_gpt()
+    add_adapters(freeze(lm), AdapterConfig(kind=kind, places=("mlp", "attn"), init="normal", init_std=0.1))
+    wrapped = lm.transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        y = wrapped.module(x)
+        expected = y + wrapped.adapter(y if kind == "sequential" else x)
+        assert torch.allclose(wrapped(x), expected) and not torch.allclose(wrapped(x), y)
+
+
 def test_adapter_formulas():
     torch.manual_seed(0)
     d = 16
@@ -162,3 +174,17 @@ def test_bad_configs_are_named():
         add_adapters(tiny_gpt(), AdapterConfig(kind="lora", lora_targets=("attn.q_proj",)))
     with pytest.raises(ValueError, match="out of range"):
         add_adapters(tiny_gpt(), AdapterConfig(layers=(5,)))
+
+
+def test_fp32_adapters_in_a_bf16_model():
+    lm = tiny_gpt().to(torch.bfloat16)
+    x = ids()
+    with torch.no_grad():
+        before = lm(x)
+    added = add_adapters(freeze(lm), AdapterConfig(places=("mlp", "attn"), layers=(0,)))
+    added += add_adapters(lm, AdapterConfig(kind="lora", layers=(1,), lora_targets=("mlp.c_proj",)))
+    assert all(p.dtype == torch.float32 for a in added for p in a.parameters())
+    with torch.no_grad():
+        assert torch.equal(lm(x), before)
+    lm(x).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(lm))

@@ -92,6 +92,15 @@ CASES = [  # (reference config, checkpoint format)
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: threads only add contention on a shared machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def refs():
     return {name: make_reference(name, seed=i) for i, name in enumerate(HF_CONFIGS)}

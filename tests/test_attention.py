@@ -1,0 +1,254 @@
+"""Tests for attention.py: the semantics (reference, SDPA, dispatcher) on CPU, the Triton kernel on
+CPU under TRITON_INTERPRET=1 (in a subprocess), the kernel on a GPU in bf16/fp16 (skipped without
+CUDA), and that bench.py runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attention as A
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+import attention_interpret_check as icheck  # noqa: E402  (plain data and functions; imports no triton)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+
+def loop_attention(q, k, v, causal, key_padding_mask):
+    """Attention one query row at a time, written from the definition (bottom-right causal)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for i in range(Tq):
+            keys = [j for j in range(Tk)
+                    if (not causal or j <= i + Tk - Tq)
+                    and (key_padding_mask is None or bool(key_padding_mask[b, j]))]
+            for h in range(H):
+                if keys:
+                    s = k[b, h, keys] @ q[b, h, i] / math.sqrt(D)  # (n,)
+                    out[b, h, i] = torch.softmax(s, 0) @ v[b, h, keys]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) Semantics on CPU: reference, SDPA path, dispatcher
+# ------------------------------------------------------------------------------------------------
+
+MASK_CASES = [  # Tq, Tk, causal, padding
+    (7, 7, True, False),
+    (3, 9, True, False),     # KV-cache prefill: the 3 queries are the last 3 positions
+    (1, 9, True, True),      # one-token decode with a left-padded batch
+    (6, 6, False, True),
+    (9, 4, True, False),     # more queries than keys: the first 5 rows see nothing
+    (5, 8, True, True),
+]
+
+
+def padding(B, Tk):
+    kpm = torch.ones(B, Tk, dtype=torch.bool)
+    kpm[0, :2] = False  # left padding
+    kpm[1, :] = False   # a sequence with no real key
+    return kpm
+
+
+@pytest.mark.parametrize("Tq,Tk,causal,pad", MASK_CASES)
+def test_reference_and_sdpa_match_definition(Tq, Tk, causal, pad):
+    q, k, v = rand(3, 2, Tq, 8, seed=1), rand(3, 2, Tk, 8, seed=2), rand(3, 2, Tk, 8, seed=3)
+    kpm = padding(3, Tk) if pad else None
+    want = loop_attention(q, k, v, causal, kpm)
+    ref = A.attention_reference(q, k, v, causal, kpm)
+    out = A.sdpa(q, k, v, causal, kpm)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    assert (ref - want).abs().max() < 1e-5
+    assert (out - want).abs().max() < 1e-5
+
+
+def test_bottom_right_causal_is_the_kv_cache_mask():
+    # Attending with the last Tq queries against all Tk keys must equal the last Tq rows of full
+    # causal attention: exactly what a KV cache computes.
+    q, k, v = rand(1, 2, 10, 8, seed=4), rand(1, 2, 10, 8, seed=5), rand(1, 2, 10, 8, seed=6)
+    full = A.attention_reference(q, k, v, causal=True)
+    for impl in ("reference", "sdpa"):
+        last = A.attention(q[:, :, 7:], k, v, causal=True, impl=impl)
+        assert (last - full[:, :, 7:]).abs().max() < 1e-6, impl
+
+
+def test_fully_masked_row_is_zero_with_zero_grad():
+    q, k, v = (rand(2, 2, 4, 8, seed=s).requires_grad_() for s in (7, 8, 9))
+    kpm = torch.tensor([[True] * 4, [False] * 4])
+    for impl in ("reference", "sdpa"):
+        out = A.attention(q, k, v, key_padding_mask=kpm, impl=impl)
+        assert torch.equal(out[1], torch.zeros_like(out[1])), impl
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in (dq, dk, dv)), impl
+        assert torch.equal(dq[1], torch.zeros_like(dq[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
+
+
+def test_dispatcher_forcing(monkeypatch):
+    q, k, v = rand(1, 2, 5, 8, seed=10), rand(1, 2, 5, 8, seed=11), rand(1, 2, 5, 8, seed=12)
+    calls = []
+    monkeypatch.setattr(A, "attention_reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr(A, "sdpa", lambda *a: calls.append("sdpa") or a[0])
+    monkeypatch.setattr(A, "flash_attention", lambda *a: calls.append("triton") or a[0])
+    monkeypatch.delenv("MAGMA_ATTENTION", raising=False)
+    A.attention(q, k, v, impl="reference")
+    A.attention(q, k, v, impl="sdpa")
+    A.attention(q, k, v, impl="triton")
+    A.attention(q, k, v)  # auto on CPU tensors: SDPA
+    monkeypatch.setenv("MAGMA_ATTENTION", "reference")
+    A.attention(q, k, v)
+    A.attention(q, k, v, impl="sdpa")  # the argument wins over the environment
+    assert calls == ["reference", "sdpa", "triton", "sdpa", "reference", "sdpa"]
+
+
+def test_auto_uses_triton_only_where_it_can(monkeypatch):
+    q = rand(1, 1, 2, 8)
+    assert not A._flash_supported(q, q, q)  # CPU tensor
+    monkeypatch.setattr(A, "TRITON_IMPORT_ERROR", ImportError("no module named triton"))
+    with pytest.raises(RuntimeError, match="Triton"):
+        A.flash_attention(q, q, q)
+    assert torch.allclose(A.attention(q, q, q), A.attention_reference(q, q, q), atol=1e-6)  # falls back
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    q, k = rand(1, 2, 5, 8), rand(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="'flash'"):
+        A.attention(q, k, k, impl="flash")
+    monkeypatch.setenv("MAGMA_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="MAGMA_ATTENTION"):
+        A.attention(q, k, k)
+    monkeypatch.delenv("MAGMA_ATTENTION")
+    with pytest.raises(ValueError, match="k "):
+        A.attention(q, rand(1, 2, 6, 4), rand(1, 2, 6, 4))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention(q, k, k, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    if A.TRITON_IMPORT_ERROR is None:
+        with pytest.raises(ValueError, match="float64"):
+            A.flash_attention(q.double(), k.double(), k.double())
+        if not A.INTERPRET:
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                A.flash_attention(q, k, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) The Triton kernel under the interpreter, in a subprocess (TRITON_INTERPRET=1 must be set
+#     before triton is imported). One run of the script checks every case; one test per case.
+# ------------------------------------------------------------------------------------------------
+
+INTERPRET_CASES = list(icheck.CASES) + ["decode_split_k_merge"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    if A.TRITON_IMPORT_ERROR is not None:
+        pytest.skip(f"triton not importable: {A.TRITON_IMPORT_ERROR}")
+    out = tmp_path_factory.mktemp("interp") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, "attention_interpret_check.py"),
+                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if not out.exists():
+        pytest.fail(f"interpreter check crashed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return {r["case"]: r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_triton_kernel_interpreted(interpreter_results, case):
+    res = interpreter_results[case]
+    assert res["ok"], json.dumps(res)
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) On a GPU: low precision by FlashAttention's rule, determinism
+# ------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or A.TRITON_IMPORT_ERROR is not None,
+                          reason="needs a CUDA GPU and triton")
+
+GPU_SHAPES = [  # B, H, Tq, Tk, D, causal, padded
+    (2, 3, 197, 197, 64, False, False),
+    (2, 2, 300, 300, 128, True, False),
+    (2, 2, 77, 300, 32, True, True),
+    (3, 2, 1, 1000, 128, True, True),
+    (1, 2, 256, 256, 16, True, False),
+]
+
+
+def grads_of(fn, q, k, v, do):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_low_precision_within_twice_torch_error(shape, dtype):
+    B, H, Tq, Tk, D, causal, padded = shape
+    q, k, v = (rand(B, H, T, D, device="cuda", seed=s).to(dtype) for s, T in ((1, Tq), (2, Tk), (3, Tk)))
+    do = rand(B, H, Tq, D, device="cuda", seed=4).to(dtype)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, Tk, dtype=torch.bool, device="cuda")
+        kpm[0, :Tk // 3] = False
+        kpm[-1, :] = False
+    f32 = [t.float() for t in (q, k, v)]
+    want = grads_of(lambda *a: A.attention_reference(*a, causal, kpm), *f32, do.float())
+    ours = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
+    naive = grads_of(lambda *a: icheck.naive_low_precision(torch, *a, causal, kpm, A), q, k, v, do)
+    for name, o, n, w in zip(("out", "dq", "dk", "dv"), ours, naive, want):
+        assert torch.isfinite(o).all(), name
+        err, torch_err = (o.float() - w).abs().max().item(), (n.float() - w).abs().max().item()
+        assert err <= 2 * torch_err + 1e-4, f"{name}: kernel {err:.3g} vs plain torch {torch_err:.3g}"
+
+
+@cuda
+@pytest.mark.parametrize("shape", [GPU_SHAPES[1], GPU_SHAPES[2]])
+def test_gpu_deterministic(shape):
+    B, H, Tq, Tk, D, causal, padded = shape
+    q, k, v = (rand(B, H, T, D, device="cuda", seed=s).bfloat16() for s, T in ((1, Tq), (2, Tk), (3, Tk)))
+    do = rand(B, H, Tq, D, device="cuda", seed=4).bfloat16()
+    first = grads_of(lambda *a: A.flash_attention(*a, causal), q, k, v, do)
+    second = grads_of(lambda *a: A.flash_attention(*a, causal), q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@cuda
+def test_gpu_fp32_and_dispatcher():
+    q, k, v = (rand(2, 2, 130, 64, device="cuda", seed=s) for s in (1, 2, 3))
+    out = A.attention(q, k, v, causal=True)  # auto on CUDA: the kernel
+    assert (out - A.attention_reference(q, k, v, causal=True)).abs().max() < 1e-4
+    assert (A.flash_decode(q[:, :, -1:], k, v, num_splits=4)
+            - A.attention_reference(q[:, :, -1:], k, v)).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py runs (speed itself is never asserted)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU paths")
+def test_bench_without_gpu(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    bench = os.path.join(ROOT, "bench.py")
+    proc = subprocess.run([sys.executable, bench, "attention"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "no CUDA GPU" in proc.stderr
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, bench, "attention", "--cpu-smoke", "--shapes", "vit-tiny,decode-tiny",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert {"device", "torch", "triton"} <= set(payload["environment"])
+    rows = {(r["shape"], r["impl"]): r for r in payload["rows"]}
+    assert rows[("vit-tiny", "triton")]["fwdbwd_ms"] > 0 and rows[("vit-tiny", "reference")]["fwd_tflops"] > 0
+    assert rows[("decode-tiny", "triton-1split")]["fwd_us"] > 0
+    assert rows[("vit-tiny", "sdpa-cudnn")]["note"].startswith("n/a")
