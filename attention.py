@@ -530,8 +530,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
 # streams; for the dK/dV kernel BLOCK_N is the key block it owns and BLOCK_M the query block it
 # streams. These are the usual H100 choices for FlashAttention in Triton (not measured here); on
 # CUDA the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and
-# keeps the fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. The interpreter uses small
-# blocks so that tiny test shapes still span several blocks and exercise every loop.
+# keeps the fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. Every entry compiles for
+# sm_90 within its shared memory (checked offline with Triton 3.9's compiler). The interpreter uses
+# small blocks so that tiny test shapes still span several blocks and exercise every loop.
 # ------------------------------------------------------------------------------------------------
 
 FWD_CONFIGS = {
@@ -555,34 +556,40 @@ DQ_CONFIGS = {
     128: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
     256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
 }
+# fp32 tiles take twice the shared memory: one small safe config (fp32 is the slow exact path anyway).
+FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+FP32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 DECODE_BLOCK_N = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}  # keys per step of a decode program
 MAX_HEAD_DIM = 256
+KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
 
-def _configs(name, block_d):
+def _configs(name, block_d, fp32):
     if INTERPRET:
         return [INTERPRET_CONFIGS[name]]
+    if fp32:
+        return [(FP32_CONFIGS_256 if block_d > 128 else FP32_CONFIGS)[name]]
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[name][block_d]
     return table if os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0" else table[:1]
 
 
 @functools.cache
 def _autotuned(name, block_d):
-    kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[name]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _configs(name, block_d)]
+               for m, n, w, s in _configs(name, block_d, fp32=False)]
     # Lengths enter the key as powers of two, so generation (a new Tk every step) does not re-tune.
-    return triton.autotune(configs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"])(kernel)
+    return triton.autotune(configs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"])(
+        KERNELS[name])
 
 
 def _launch(name, block_d, grid, args, consts):
     """Run kernel `name` with grid(BLOCK_M, BLOCK_N): a fixed config, or autotuned over a list."""
-    configs = _configs(name, block_d)
+    fp32 = args[0].dtype == torch.float32
+    configs = _configs(name, block_d, fp32)
     if len(configs) == 1:
         m, n, w, s = configs[0]
-        kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[name]
-        kernel[grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        KERNELS[name][grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     else:
         _autotuned(name, block_d)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
 
@@ -636,11 +643,12 @@ def _as_kpm(key_padding_mask, q):
 
 
 def _decode_splits(BH, Tk, block_n, device):
-    """How many programs share one row's keys: enough programs to fill the GPU, >= 2 blocks each."""
+    """How many programs share one row's keys: ~4 programs per SM, >= 2 key blocks each (a guess:
+    `bench.py attention` compares 1, 4 and 16 splits on the decode shape)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, BH), triton.cdiv(Tk, 2 * block_n), 64))
+    return max(1, min(triton.cdiv(4 * sms, BH), triton.cdiv(Tk, 2 * block_n), 64))
 
 
 def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
@@ -690,7 +698,7 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
 
 
 def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True):
-    """Launch the backward kernels: delta pre-pass, dK/dV, dQ. Returns dq, dk, dv."""
+    """Launch the backward kernels: delta pre-pass, dK/dV, dQ. Returns dq (None unless need_dq), dk, dv."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -708,9 +716,10 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _bucket(Tq), _bucket(Tk))
     _launch("dkdv", block_d, lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
             (q, k, v, do, lse2, delta, kpm, dk, dv, *common, *dk.stride(), *dv.stride(), *tail), consts)
-    if need_dq:
-        _launch("dq", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
-                (q, k, v, do, lse2, delta, kpm, dq, *common, *dq.stride(), *tail), consts)
+    if not need_dq:
+        return None, dk, dv
+    _launch("dq", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+            (q, k, v, do, lse2, delta, kpm, dq, *common, *dq.stride(), *tail), consts)
     return dq, dk, dv
 
 

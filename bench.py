@@ -127,8 +127,9 @@ def sdpa_backend(backend_name):
 def attention_impls(A, decode):
     """name -> fn(q, k, v, causal) for every implementation compared."""
     impls = {"triton": lambda q, k, v, causal: A.flash_attention(q, k, v, causal)}
-    if decode:  # is splitting the keys across programs worth it? compare with no split
-        impls["triton-1split"] = lambda q, k, v, causal: A.flash_decode(q, k, v, num_splits=1)
+    if decode:  # is splitting the keys across programs worth it, and into how many? measure
+        for n in (1, 4, 16):
+            impls[f"triton-{n}split"] = lambda q, k, v, causal, n=n: A.flash_decode(q, k, v, num_splits=n)
         impls["triton-blockkernel"] = lambda q, k, v, causal: A._flash_forward(
             q, k, v, causal, q, 0, 1.0 / math.sqrt(q.shape[-1]), decode_splits=0)[0]
     impls["sdpa-flash"] = sdpa_backend("FLASH_ATTENTION")

@@ -136,7 +136,7 @@ def fingerprint(module):
 
 class ImagePrefix(nn.Module):
     """ViT hidden states -> Linear(width -> d_lm) -> Dropout -> LayerNorm: image tokens in the LM's
-    embedding space (MAGMA section 3.1, "image prefix")."""
+    embedding space (MAGMA section 3, the "image prefix")."""
 
     def __init__(self, vit_width, d_lm, tokens="all", dropout=0.1, layernorm=True):
         super().__init__()
@@ -168,9 +168,12 @@ class Magma(nn.Module):
             config.vit = vit.config
         if isinstance(tokenizer, ByteTokenizer):
             config.tokenizer = "byte"
+        elif tokenizer is not None and config.tokenizer == "byte":
+            raise ValueError("MagmaConfig.tokenizer says 'byte' but a BPE tokenizer was passed: set it to that "
+                             "tokenizer's directory, so that a saved checkpoint can rebuild it")
         self.config = config
 
-        # The language model, frozen before anything is added to it (section 3: "the LM is kept fixed").
+        # The language model, frozen before anything is added to it (section 3: its weights never train).
         self.lm = lm if lm is not None else (
             GPT.from_pretrained(config.lm) if isinstance(config.lm, str) else GPT(config.lm))
         freeze(self.lm)
@@ -208,6 +211,10 @@ class Magma(nn.Module):
         if self.config.freeze_vit:
             self.vit.eval()
         return self
+
+    def report(self):
+        """One line of parameter counts: adapters vs the frozen LM, and everything trained."""
+        return adapter_report(self, self.lm)
 
     @property
     def image_size(self):
@@ -275,7 +282,7 @@ class Magma(nn.Module):
     # Training
 
     def forward(self, pixels, input_ids, text_mask):
-        """Captioning loss: cross-entropy of the caption tokens given the image (section 3.2).
+        """Captioning loss: cross-entropy of the caption tokens given the image (section 3).
 
         pixels (B, 3, S, S); input_ids (B, T) caption ids followed by eos, right-padded; text_mask (B, T)
         True on real tokens. The sequence is [image tokens][caption]; the last image position predicts
@@ -486,7 +493,7 @@ def main(argv=None):
     parser.add_argument("--image", dest="items", action="append", type=lambda p: ("image", p), default=[],
                         metavar="PATH", help="an image (repeatable)")
     parser.add_argument("--prompt", dest="items", action="append", type=lambda s: ("text", s), metavar="TEXT",
-                        help="text after the image before it (repeatable)")
+                        help="text (repeatable)")
     parser.add_argument("--lm", default=None, help="path of the base LM, if it moved since training")
     parser.add_argument("--vit", default=None, help="path of the base ViT, if it moved since training")
     parser.add_argument("--max-new-tokens", type=int, default=32)

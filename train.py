@@ -313,9 +313,11 @@ def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0):
     while True:
         sampler.set_epoch(epoch)
         order = list(sampler)[skip * micro_batch: per_epoch * micro_batch]
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, which would
+        # make the dropout masks after a resume differ from those of an uninterrupted run.
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=order, drop_last=True,
                                              collate_fn=collate_fn, num_workers=cfg.num_workers,
-                                             persistent_workers=False)
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         yield from loader
         epoch, skip = epoch + 1, 0
 

@@ -12,7 +12,7 @@ from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, GPTConfig, sample_next
 from magma import Magma, MagmaConfig, main
-from tokenizer import ByteTokenizer
+from tokenizer import ByteTokenizer, Tokenizer
 from vit import OPENAI_NAMES, ViTConfig, rename
 
 LM = dict(model_type="gpt2", vocab_size=257, block_size=96, n_layer=2, n_head=2, n_embd=32)
@@ -71,6 +71,8 @@ def test_zero_init_adapters_keep_the_lm_logits():
     with torch.no_grad():
         assert torch.equal(model.lm(idx), reference(idx))
     assert model.lm is bare and model.config.lm == bare.config  # wraps the given LM, config describes it
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.report().startswith("adapters: ") and f"trainable in all: {n_trained / 1e3:.1f}K" in model.report()
 
 
 def test_training_changes_only_adapters_prefix_and_vit():
@@ -294,6 +296,9 @@ def test_bad_checkpoint_files_are_named(tmp_path):
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(ValueError, match="truncated.pt"):
         Magma.load(str(truncated))
+    with pytest.raises(ValueError, match="MagmaConfig.tokenizer"):
+        Magma(MagmaConfig(lm=GPTConfig(**{**LM, "vocab_size": 50257}), vit=ViTConfig(**VIT)),
+              tokenizer=Tokenizer({"a": 0, "<|endoftext|>": 1}, []))
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="other.pt.*not a MAGMA checkpoint"):
@@ -310,6 +315,13 @@ def test_command_line(tmp_path, capsys):
                  "--temperature", "0", "--max-new-tokens", "5"])
     assert capsys.readouterr().out == text + "\n"
     assert text == model.generate([[clip_preprocess(image, 16), "A picture of"]], max_new_tokens=5, temperature=0)[0]
+
+    # several images and prompts, interleaved in command-line order
+    text = main(["--checkpoint", ckpt, "--prompt", "x", "--image", str(tmp_path / "a.png"), "--prompt", "A",
+                 "--image", str(tmp_path / "a.png"), "--temperature", "0", "--max-new-tokens", "5"])
+    pix = clip_preprocess(image, 16)
+    assert text == model.generate([["x", pix, "A", pix]], max_new_tokens=5, temperature=0)[0]
+    capsys.readouterr()
 
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     for args, message in [(["--image", str(tmp_path / "missing.jpg")], "missing.jpg"),
