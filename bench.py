@@ -9,15 +9,22 @@ them as JSON. Timings are CUDA-event medians after a warmup (the warmup also abs
 compilation and autotuning). Nothing here is asserted: speed is reported, never tested.
 """
 import argparse
+import contextlib
+import copy
+import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from dataclasses import asdict, replace
 
 import torch
+import torch.nn as nn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -149,7 +156,7 @@ def refusal(fn, q, k, v, causal):
             return None
         except torch.cuda.OutOfMemoryError:
             return "out of memory"
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # a backend refusing, or a kernel that does not compile here
             # SDPA warns "<backend> not used because:" and then the reason; keep the reasons
             why = [str(w.message).strip().split("\n")[0] for w in caught]
             why = [w for w in why if w and not w.endswith("because:")]
@@ -205,7 +212,7 @@ def bench_attention(args):
             try:
                 ms = time_ms(lambda: torch.autograd.grad(fn(qg, kg, vg, causal), (qg, kg, vg), do),
                              warmup, iters, cuda)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            except Exception as e:  # e.g. out of memory in the reference's backward
                 row["note"] = f"backward n/a: {str(e).splitlines()[0]}"[:100]
                 continue
             row["fwdbwd_ms"] = ms
@@ -218,6 +225,497 @@ def bench_attention(args):
     return {"benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
             "flops": "4*B*H*Tq*Tk*D forward, halved when causal; forward+backward = 3.5x forward",
             "columns": columns, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py train / generate / big: MAGMA itself, against the same model assembled from transformers
+# ------------------------------------------------------------------------------------------------
+#
+# A comparison is only fair if both sides compute the same function of the same weights on the same
+# inputs. So the transformers side is built first (GPT2LMHeadModel + CLIPVisionModel, random weights,
+# SDPA attention), written with save_pretrained to a temporary directory and read back by our own,
+# tested loaders (GPT.from_pretrained, ViT.from_pretrained). Our Magma then adds its adapters and
+# image prefix, and the transformers assembly gets copies of those very modules: adapters.add_adapters
+# wraps its MLPs exactly as it wraps ours. tests/test_bench.py checks on a tiny config that the two
+# assemblies give the same loss (fp32) and the same greedy tokens.
+
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; first key found in torch.cuda.get_device_name()
+    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989, "GH200": 989,
+    "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
+    "RTX 4090": 165, "RTX 3090": 71,
+}
+
+# name: (assembly, frozen LM weights, attention impl (ours: attention.py's MAGMA_ATTENTION), torch.compile)
+# Every row runs under bf16 autocast; "lm_weights" is the dtype the frozen LM's weights are held in.
+TRAIN_VARIANTS = {
+    "transformers": ("transformers", "fp32", "sdpa", False),
+    "transformers-bf16lm": ("transformers", "bf16", "sdpa", False),
+    "ours-fp32lm": ("ours", "fp32", "auto", False),
+    "ours-sdpa": ("ours", "bf16", "sdpa", False),
+    "ours": ("ours", "bf16", "auto", False),
+    "ours-compile": ("ours", "bf16", "auto", True),
+}
+GENERATE_VARIANTS = {"transformers": ("transformers", "sdpa"), "ours": ("ours", "auto"), "ours-sdpa": ("ours", "sdpa")}
+
+
+def peak_tflops():
+    """Dense bf16 peak of this GPU in TFLOP/s (PEAK_BF16_TFLOPS), or None on a CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def bench_device(name, args):
+    """cpu for --cpu-smoke, else cuda; without a GPU (and without --cpu-smoke) exit with one line."""
+    if args.cpu_smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"bench.py {name}: no CUDA GPU found; the figures are meant for a GPU. "
+                         f"Run `python bench.py {name} --cpu-smoke` to exercise the script on tiny CPU models.")
+    return torch.device("cuda")
+
+
+def pick_variants(command, table, names):
+    """The rows to run: a comma-separated subset of `table` (None = all), checked."""
+    if names is None:
+        return list(table)
+    picked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in picked if n not in table]
+    if unknown or not picked:
+        raise SystemExit(f"bench.py {command}: unknown --variants {unknown or names!r}; choose from {','.join(table)}")
+    return picked
+
+
+def free_memory():
+    """Return the previous row's memory to the allocator and restart the peak counter."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def attention_impl(impl):
+    """Force attention.py's implementation (it reads MAGMA_ATTENTION at every call) inside the block."""
+    old = os.environ.get("MAGMA_ATTENTION")
+    os.environ["MAGMA_ATTENTION"] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MAGMA_ATTENTION"]
+        else:
+            os.environ["MAGMA_ATTENTION"] = old
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """New parameters are created in `dtype` inside the block (a 6B model never exists in fp32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def cast_frozen(module, dtype):
+    """Hold the frozen parameters of `module` in `dtype`; trainable ones (the adapters) keep theirs."""
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return module
+
+
+class IdTokenizer:
+    """A stand-in tokenizer whose text is space-separated token ids ("464 3290"): prompts are exact ids,
+    and every id of the LM's vocabulary can be generated (Magma.generate_ids masks ids >= vocab_size)."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size, self.eos_id = vocab_size, vocab_size - 1
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def magma_shapes(smoke):
+    """(GPTConfig, ViTConfig) of `train` and `generate`: GPT-2 124M + ViT-B/16, or tiny ones for --cpu-smoke."""
+    from gpt import GPTConfig
+    from vit import PRESETS, ViTConfig
+    if smoke:
+        return (GPTConfig(model_type="gpt2", vocab_size=300, block_size=128, n_layer=2, n_head=2, n_embd=32),
+                ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=None))
+    return GPTConfig(model_type="gpt2"), replace(PRESETS["ViT-B/16"], embed_dim=None)
+
+
+def transformers_models(lm_config, vit_config, seed=0, init_std=None):
+    """Random transformers GPT2LMHeadModel and CLIPVisionModel of these shapes, SDPA attention, fp32, CPU.
+
+    init_std: redraw every weight matrix from N(0, init_std), LayerNorm gains from 1 + N(0, 0.1) and other
+    vectors from N(0, 0.02) (tests use it to put greedy choices far from ties); None keeps transformers' init.
+    """
+    import transformers  # the reference, only for the comparison
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    c, v = lm_config, vit_config
+    if c.model_type != "gpt2":
+        raise ValueError(f"the transformers assembly is GPT2LMHeadModel; got model_type {c.model_type!r}")
+    lm_hf = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=c.n_inner, activation_function=c.activation, layer_norm_epsilon=c.layer_norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # frozen LM: no dropout, as in magma.py
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: generate runs every step
+    vit_hf = transformers.CLIPVisionConfig(
+        hidden_size=v.width, intermediate_size=v.hidden, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+        image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.act, layer_norm_eps=v.ln_eps)
+    torch.manual_seed(seed)
+    lm = transformers.AutoModelForCausalLM.from_config(lm_hf, attn_implementation="sdpa")
+    vit = transformers.AutoModel.from_config(vit_hf, attn_implementation="sdpa")  # a CLIPVisionModel
+    if init_std is not None:
+        with torch.no_grad():
+            for name, p in [*lm.named_parameters(), *vit.named_parameters()]:
+                if p.dim() > 1:
+                    p.normal_(0.0, init_std)
+                elif name.endswith("weight") and ("ln" in name or "norm" in name):
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0.0, 0.02)
+    return lm.eval(), vit.eval()
+
+
+def magma_from_transformers(hf_lm, hf_vit, adapters=None, prefix_dropout=0.1):
+    """Our Magma holding the weights of a transformers GPT2LMHeadModel and CLIPVisionModel, read back by our
+    loaders from a temporary save_pretrained directory; adds MAGMA's adapters and a new image prefix."""
+    from gpt import GPT
+    from magma import Magma, MagmaConfig
+    from adapters import AdapterConfig
+    from vit import ViT
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_lm.save_pretrained(os.path.join(tmp, "lm"))
+        hf_vit.save_pretrained(os.path.join(tmp, "vit"))
+        lm = GPT.from_pretrained(os.path.join(tmp, "lm"))
+        vit = ViT.from_pretrained(os.path.join(tmp, "vit"))
+    config = MagmaConfig(lm=lm.config, vit=vit.config, adapters=adapters or AdapterConfig(),
+                         prefix_dropout=prefix_dropout, tokenizer="ids")
+    return Magma(config, lm=lm, vit=vit, tokenizer=IdTokenizer(lm.config.vocab_size))
+
+
+class TransformersMagma(nn.Module):
+    """MAGMA assembled from transformers, the way a user would: CLIPVisionModel -> image prefix ->
+    GPT2LMHeadModel (frozen, adapters.py's adapters wrapped around its MLPs), the loss from `labels`
+    (logits at every position, -100 on the image and padding positions).
+
+    The adapters and the prefix are copies of `magma`'s. No attention_mask is passed: captions are
+    right-padded, so the causal mask already keeps padding out of every real position (as in magma.py).
+    """
+
+    def __init__(self, hf_lm, hf_vit, magma):
+        from adapters import add_adapters, freeze
+        super().__init__()
+        self.lm, self.vit = freeze(hf_lm).eval(), hf_vit
+        self.adapters = add_adapters(self.lm, magma.config.adapters)  # GPT2Block has .mlp, config .n_embd
+        for theirs, ours in zip(self.adapters, magma.adapters, strict=True):
+            theirs.load_state_dict(ours.state_dict())
+        self.prefix = copy.deepcopy(magma.prefix)
+
+    def train(self, mode=True):
+        """As nn.Module.train, except the frozen LM stays in eval mode (as Magma.train)."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def image_embeds(self, pixels):
+        hidden = self.vit(pixel_values=pixels).last_hidden_state  # (B, 1+N, width), before post_layernorm
+        wte = self.lm.transformer.wte.weight
+        return self.prefix(hidden.to(self.prefix.proj.weight.dtype)).to(wte.dtype)  # (B, N_img, d_lm)
+
+    def forward(self, pixels, input_ids, text_mask):
+        image = self.image_embeds(pixels)  # (B, I, C)
+        x = torch.cat([image, self.lm.transformer.wte(input_ids)], dim=1)  # (B, I+T, C)
+        ignore = torch.full(image.shape[:2], -100, dtype=input_ids.dtype, device=input_ids.device)
+        labels = torch.cat([ignore, input_ids.masked_fill(~text_mask.bool(), -100)], dim=1)  # (B, I+T)
+        return self.lm(inputs_embeds=x, labels=labels).loss
+
+    @torch.no_grad()
+    def generate_ids(self, pixels, prompt_ids, max_new_tokens):
+        """Greedy: transformers' generate from [image prefix][prompt] embeddings; the new ids of each row."""
+        x = torch.cat([self.image_embeds(pixels), self.lm.transformer.wte(prompt_ids)], dim=1)  # (B, I+P, C)
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        out = self.lm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=0)  # (B, new): inputs_embeds are not echoed
+        return out.tolist()
+
+
+def ours_generate_ids(magma, pixels, prompt_ids, max_new_tokens):
+    """Greedy: Magma.generate_ids on [image, prompt] per row (EOS off, so every row runs every step)."""
+    inputs = [[pixels[b], " ".join(str(i) for i in prompt_ids[b].tolist())] for b in range(len(pixels))]
+    return magma.generate_ids(inputs, max_new_tokens, temperature=0, eos=False)
+
+
+def build_pair(lm_config, vit_config, adapters=None, seed=0, init_std=None, prefix_dropout=0.1):
+    """(ours, theirs): our Magma and the TransformersMagma with identical weights (fp32, CPU)."""
+    hf_lm, hf_vit = transformers_models(lm_config, vit_config, seed, init_std)
+    ours = magma_from_transformers(hf_lm, hf_vit, adapters, prefix_dropout)
+    return ours, TransformersMagma(hf_lm, hf_vit, ours)
+
+
+def train_flops(lm, vit, adapters, image_tokens, text_tokens):
+    """FLOPs of one training sample, by part: the matmuls and attention that actually run.
+
+    A matmul (n, k) @ (k, m) is 2nkm FLOPs, so a weight costs per token 2 forward, 2 for the gradient
+    of its input and 2 for its own gradient. Frozen weights get no gradient: 4, not 6 (the gradient
+    still flows through the whole LM, down to the image prefix). With S = I + T LM positions (I image
+    prefix tokens, T text tokens), d the LM width, w the ViT width, V_t = 1 + N ViT tokens:
+
+      lm          4 * S * L * (4 d^2 + 2 d d_ff)       frozen qkv, out, MLP: forward + input gradient
+      lm_head     4 * T * d * vocab                    logits only at the T text positions, frozen
+      adapters    6 * S * n_adapters * 2 d (d/down)    trained bottlenecks
+      lm_attn     3.5 * 2 * S^2 * d * L                QK^T and PV (4 S^2 d) halved by the causal mask;
+                                                       the backward (recompute S, dV, dP, dQ, dK) is 2.5x
+      vit         6 * V_t * L_v * (4 w^2 + 2 w w_ff)   trained
+      patch       4 * N * 3 p^2 * w                    trained, but pixels need no gradient
+      vit_attn    3.5 * 4 * V_t^2 * w * L_v            no mask
+      prefix      6 * I * w * d                        trained Linear
+    Not counted: LayerNorms, activations, softmax, the loss, the optimizer (all memory-bound).
+    Every row of a table is credited the same count, so MFU compares like with like: the transformers
+    assembly also computes logits at the image positions, work the model does not need.
+    """
+    S, T, I = image_tokens + text_tokens, text_tokens, image_tokens
+    d, w, Vt, N = lm.n_embd, vit.width, vit.grid ** 2 + 1, vit.grid ** 2
+    n_adapters = len(range(lm.n_layer) if adapters.layers is None else adapters.layers) * len(adapters.places)
+    return {
+        "lm": 4 * S * lm.n_layer * (4 * d * d + 2 * d * lm.n_inner),
+        "lm_head": 4 * T * d * lm.vocab_size,
+        "adapters": 6 * S * n_adapters * 2 * d * max(1, d // adapters.downsample),
+        "lm_attn": 7 * S * S * d * lm.n_layer,
+        "vit": 6 * Vt * vit.layers * (4 * w * w + 2 * w * vit.hidden),
+        "patch": 4 * N * 3 * vit.patch_size ** 2 * w,
+        "vit_attn": 14 * Vt * Vt * w * vit.layers,
+        "prefix": 6 * I * w * d,
+    }
+
+
+def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None):
+    """One optimizer step under bf16 autocast: a closure for time_ms, returning the loss tensor."""
+    forward = compiled or model
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
+            loss = forward(pixels, input_ids, text_mask)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def timed_training(model, inputs, compile_, warmup, iters):
+    """Fused AdamW (on CUDA) over the trainable parameters; the first step's loss and the median step time."""
+    from adapters import trainable_parameters
+    cuda = inputs[0].device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, fused=cuda)
+    step = training_step(model, optimizer, *inputs, compiled=torch.compile(model) if compile_ else None)
+    torch.manual_seed(0)  # the same prefix-dropout mask for every row's first step
+    loss0 = step().item()  # before any update: every row starts from the same weights, so the same loss
+    return loss0, time_ms(step, warmup, iters, cuda)
+
+
+def throughput(row, ms, batch, tokens_per_sample, flops_per_sample, peak):
+    """Add ms/step, samples/s, tokens/s, achieved TFLOP/s and MFU to row."""
+    row["ms_per_step"] = ms
+    row["samples_per_s"] = batch / (ms * 1e-3)
+    row["tokens_per_s"] = batch * tokens_per_sample / (ms * 1e-3)
+    row["tflops"] = batch * flops_per_sample / (ms * 1e-3) / 1e12
+    row["mfu_pct"] = 100 * row["tflops"] / peak if peak else None
+    return row
+
+
+def train_inputs(batch, image_size, text_len, vocab, device):
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
+    input_ids = torch.randint(0, vocab, (batch, text_len), generator=g)
+    text_mask = torch.ones(batch, text_len, dtype=torch.bool)  # full-length captions: text_len real tokens
+    return pixels.to(device), input_ids.to(device), text_mask.to(device)
+
+
+def bench_train(args):
+    """One MAGMA training step (GPT-2 124M frozen + adapters, ViT-B/16, prefix), ours vs transformers."""
+    device = bench_device("train", args)
+    smoke = args.cpu_smoke
+    batch, text_len, warmup, iters = (2, 8, 0, 2) if smoke else (args.batch_size, args.text_len, args.warmup, args.iters)
+    names = pick_variants("train", TRAIN_VARIANTS, args.variants)
+    lm_config, vit_config = magma_shapes(smoke)
+    masters = dict(zip(("ours", "transformers"), build_pair(lm_config, vit_config)))
+    ours = masters["ours"]
+    image_tokens = vit_config.grid ** 2 + (1 if ours.config.prefix_tokens == "all" else 0)
+    parts = train_flops(lm_config, vit_config, ours.config.adapters, image_tokens, text_len)
+    flops, peak = sum(parts.values()), peak_tflops()
+    inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
+    rows = []
+    for name in names:
+        assembly, lm_weights, impl, compile_ = TRAIN_VARIANTS[name]
+        row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "compile": compile_}
+        rows.append(row)
+        if compile_ and smoke:
+            row["note"] = "n/a: torch.compile is left out of the CPU smoke run"
+            continue
+        free_memory()
+        oom = False
+        try:
+            model = copy.deepcopy(masters[assembly])
+            cast_frozen(model.lm, DTYPES[lm_weights])
+            model.to(device).train()
+            with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
+                row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters)
+            throughput(row, ms, batch, image_tokens + text_len, flops, peak)
+            row["peak_gib"] = peak_gib()
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        except RuntimeError as e:  # e.g. a torch.compile failure: recorded, the other rows still run
+            row["note"] = f"failed: {str(e).strip().splitlines()[0]}"[:120]
+        model = None
+        if oom:
+            row["note"] = "out of memory"
+        print(f"  {name} done", file=sys.stderr, flush=True)
+    free_memory()
+    base = next((r for r in rows if r["variant"] == "transformers" and "samples_per_s" in r), None)
+    for r in rows:
+        if base is not None and "samples_per_s" in r:
+            r["x_samples_vs_tf"] = r["samples_per_s"] / base["samples_per_s"]
+            if r.get("peak_gib") and base.get("peak_gib"):
+                r["x_memory_vs_tf"] = r["peak_gib"] / base["peak_gib"]
+    columns = ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "samples_per_s",
+               "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf", "x_memory_vs_tf", "note"]
+    return {"benchmark": "train", "dtype": "bf16 autocast (lm_weights: dtype the frozen LM is held in)",
+            "shape": {"batch": batch, "image_tokens": image_tokens, "text_tokens": text_len,
+                      "lm": asdict(lm_config), "vit": asdict(vit_config), "adapters": asdict(ours.config.adapters)},
+            "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
+            "flops": train_flops.__doc__.strip(), "tokens": "tokens/s counts every LM position (image + text)",
+            "columns": columns, "rows": rows}
+
+
+def bench_generate(args):
+    """Greedy decoding from one image and a prompt, at several batch sizes: tokens/s, ours vs transformers."""
+    device = bench_device("generate", args)
+    smoke = args.cpu_smoke
+    batches, new, prompt_len, warmup, iters = ((1, 2), 8, 4, 0, 1) if smoke else (
+        tuple(int(b) for b in args.batch_sizes.split(",")), args.new_tokens, args.prompt_len, args.warmup, args.iters)
+    names = pick_variants("generate", GENERATE_VARIANTS, args.variants)
+    dtype = torch.float32 if smoke else DTYPES[args.dtype]
+    lm_config, vit_config = magma_shapes(smoke)
+    ours, theirs = build_pair(lm_config, vit_config)
+    models = {"ours": ours.to(device, dtype).eval(), "transformers": theirs.to(device, dtype).eval()}
+    runs = {"ours": lambda px, ids: ours_generate_ids(ours, px, ids, new),
+            "transformers": lambda px, ids: theirs.generate_ids(px, ids, new)}
+    rows = []
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        pixels = torch.randn(B, 3, vit_config.image_size, vit_config.image_size, generator=g).to(device, dtype)
+        prompt = torch.randint(0, lm_config.vocab_size, (B, prompt_len), generator=g).to(device)
+        reference = None
+        for name in names:
+            assembly, impl = GENERATE_VARIANTS[name]
+            row = {"batch": B, "variant": name, "attention": impl, "new_tokens": new}
+            rows.append(row)
+            free_memory()
+            with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
+                fn = lambda: runs[assembly](pixels, prompt)
+                tokens = fn()
+                if any(len(t) != new for t in tokens):
+                    raise RuntimeError(f"bench.py generate: {name} produced {[len(t) for t in tokens]} tokens, "
+                                       f"expected {new} per row")
+                ms = time_ms(fn, warmup, iters, device.type == "cuda")
+            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), peak_gib=peak_gib())
+            if name == "transformers":
+                reference = tokens
+            if reference is not None:  # the fraction of tokens equal to transformers' (bf16 may drift)
+                row["agree"] = sum(a == b for r, t in zip(reference, tokens) for a, b in zip(r, t)) / (B * new)
+        print(f"  batch {B} done", file=sys.stderr, flush=True)
+    for r in rows:
+        base = next((b for b in rows if b["batch"] == r["batch"] and b["variant"] == "transformers"), None)
+        if base is not None:
+            r["x_vs_tf"] = r["tokens_per_s"] / base["tokens_per_s"]
+    columns = ["batch", "variant", "attention", "new_tokens", "ms", "ms_per_step", "tokens_per_s", "x_vs_tf",
+               "agree", "peak_gib"]
+    return {"benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
+            "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
+                      "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
+            "timing": "wall time of the whole call (ViT + prefix + prefill + decode), EOS off",
+            "columns": columns, "rows": rows}
+
+
+def big_shapes(smoke):
+    """GPT-J 6B's shape (d 4096, 28 layers, 16 heads, rotary_dim 64) and ViT-L/14, or tiny ones."""
+    from gpt import GPTConfig
+    from vit import PRESETS, ViTConfig
+    if smoke:
+        return (GPTConfig(model_type="gptj", vocab_size=300, block_size=128, n_layer=2, n_head=2, n_embd=32,
+                          rotary_dim=8),
+                ViTConfig(image_size=28, patch_size=14, width=32, layers=2, heads=2, embed_dim=None))
+    return (GPTConfig(model_type="gptj", vocab_size=50400, block_size=2048, n_layer=28, n_head=16, n_embd=4096,
+                      rotary_dim=64),
+            replace(PRESETS["ViT-L/14"], embed_dim=None))
+
+
+def bench_big(args):
+    """MAGMA's real size: GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14, at the largest batch that fits."""
+    from magma import Magma, MagmaConfig
+    from gpt import GPT
+    from vit import ViT
+    device = bench_device("big", args)
+    smoke = args.cpu_smoke
+    max_batch, text_len, warmup, iters = (4, 8, 0, 1) if smoke else (args.max_batch, args.text_len, args.warmup, args.iters)
+    lm_config, vit_config = big_shapes(smoke)
+    torch.manual_seed(0)
+    with torch.device(device):
+        with default_dtype(torch.bfloat16):
+            lm = GPT(lm_config)  # random weights, created in bf16 on the device
+        vit = ViT(vit_config)
+    model = Magma(MagmaConfig(lm=lm_config, vit=vit_config, tokenizer="ids"), lm=lm, vit=vit,
+                  tokenizer=IdTokenizer(lm_config.vocab_size)).train()
+    lm = vit = None
+    image_tokens = vit_config.grid ** 2 + 1
+    parts = train_flops(lm_config, vit_config, model.config.adapters, image_tokens, text_len)
+    flops, peak = sum(parts.values()), peak_tflops()
+    n_lm = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows, batch, largest = [], 1, None
+    while batch <= max_batch:
+        row = {"batch": batch}
+        rows.append(row)
+        free_memory()
+        oom = False
+        try:
+            inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
+            row["loss0"], ms = timed_training(model, inputs, False, warmup, iters)
+            throughput(row, ms, batch, image_tokens + text_len, flops, peak)
+            row["peak_gib"] = peak_gib()
+            largest = batch
+        except torch.cuda.OutOfMemoryError:
+            oom = True  # handled below, once the exception (and the frames it holds) is gone
+        inputs = None
+        print(f"  batch {batch} {'out of memory' if oom else 'done'}", file=sys.stderr, flush=True)
+        if oom:
+            row["note"] = "out of memory"
+            model.zero_grad(set_to_none=True)
+            break
+        batch *= 2
+    free_memory()
+    columns = ["batch", "loss0", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
+               "note"]
+    return {"benchmark": "big", "dtype": "frozen LM bf16, ViT/prefix/adapters fp32, bf16 autocast",
+            "shape": {"image_tokens": image_tokens, "text_tokens": text_len, "lm": asdict(lm_config),
+                      "vit": asdict(vit_config), "lm_params": n_lm, "trained_params": n_trained},
+            "largest_batch": largest, "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
+            "flops": "see train_flops in bench.py", "columns": columns, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +734,37 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.set_defaults(func=bench_attention)
+
+    smoke_help = "without a GPU: tiny models on the CPU, a couple of steps, to check that the script works"
+    variants_help = "comma-separated subset of the rows: {} (default: all)"
+    p = sub.add_parser("train", help="MAGMA training step (GPT-2 124M + adapters, ViT-B/16): ours vs transformers")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--text-len", type=int, default=64, help="text tokens after the 197 image tokens")
+    p.add_argument("--variants", help=variants_help.format(",".join(TRAIN_VARIANTS)))
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    p.set_defaults(func=bench_train)
+    p = sub.add_parser("generate", help="greedy decoding after an image and a prompt: ours vs transformers' generate")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens after the image")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both whole models")
+    p.add_argument("--variants", help=variants_help.format(",".join(GENERATE_VARIANTS)))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    p.set_defaults(func=bench_generate)
+    p = sub.add_parser("big", help="GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14 at the largest batch that fits")
+    p.add_argument("--max-batch", type=int, default=1024, help="stop doubling the batch here")
+    p.add_argument("--text-len", type=int, default=64, help="text tokens after the 257 image tokens")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    p.set_defaults(func=bench_big)
     args = parser.parse_args(argv)
 
     payload = {"environment": environment(), **args.func(args)}

@@ -71,6 +71,7 @@ class TrainConfig:
     # models
     lm: str = opt("tiny", "'tiny' (a small GPT built here and pretrained in stage 1) or a Hugging Face "
                           "GPT directory")
+    lm_type: str = opt("gptj", "tiny GPT: family, gptj (rotary positions, as MAGMA's GPT-J) or gpt2")
     lm_layers: int = opt(2, "tiny GPT: layers")
     lm_embd: int = opt(128, "tiny GPT: width")
     lm_heads: int = opt(4, "tiny GPT: attention heads")
@@ -164,7 +165,7 @@ def parse_config(argv=None):
     """Defaults <- preset <- --key=value. Returns (config, the keys given on the command line)."""
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
-    cfg = dataclasses.replace(TrainConfig(), **PRESETS[args.preset], **given)
+    cfg = dataclasses.replace(TrainConfig(), **{**PRESETS[args.preset], **given})
     check_config(cfg)
     return cfg, given
 
@@ -270,33 +271,37 @@ def make_datasets(cfg):
             data.ImageTextDataset(pick(True), cfg.strict, train.name + " (held out)"))
 
 
-class Texts(torch.utils.data.Dataset):
-    """The texts of an image-text dataset, without its images: stage 1's training data."""
+class PackedTexts(torch.utils.data.Dataset):
+    """Stage 1's training data: the texts of an image-text dataset, without its images, packed as
+    GPT-2 was pretrained: "text eos text eos ..." cut into rows of `length` tokens. Row idx starts at
+    text idx, part-way into it (a seeded offset), so texts appear at every position and after other
+    text; in stage 2 they will come after the image prefix instead."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, tokenizer, length, seed):
+        self.dataset, self.tokenizer, self.length, self.seed = dataset, tokenizer, length, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, idx):
+    def text(self, idx):
         if isinstance(self.dataset, data.ShapesDataset):
-            return {"caption": self.dataset.text(idx)}
-        return {"caption": self.dataset.records[idx][1]}
+            return self.dataset.text(idx)
+        return self.dataset.records[idx][1]
+
+    def __getitem__(self, idx):
+        eos = self.tokenizer.eos_id
+        ids = self.tokenizer.encode(self.text(idx)) + [eos]
+        ids = ids[random.Random(f"pack/{self.seed}/{idx}").randrange(len(ids)):]  # start part-way in
+        j = idx
+        while len(ids) < self.length:
+            j = (j + 1) % len(self.dataset)
+            ids += self.tokenizer.encode(self.text(j)) + [eos]
+        return {"input_ids": torch.tensor(ids[:self.length]), "skipped": []}
 
 
-def collate_text(batch, tokenizer, max_len):
-    """Texts -> eos + ids + eos, right-padded: the leading eos gives the first token a context, as
-    the image prefix does in stage 2."""
-    ids = [[tokenizer.eos_id] + tokenizer.encode(item["caption"])[:max_len - 2] + [tokenizer.eos_id]
-           for item in batch]
-    T = max(len(t) for t in ids)
-    input_ids = torch.full((len(ids), T), tokenizer.eos_id, dtype=torch.long)
-    text_mask = torch.zeros((len(ids), T), dtype=torch.bool)
-    for i, t in enumerate(ids):
-        input_ids[i, :len(t)] = torch.tensor(t)
-        text_mask[i, :len(t)] = True
-    return {"input_ids": input_ids, "text_mask": text_mask, "skipped": []}
+def collate_rows(batch):
+    input_ids = torch.stack([item["input_ids"] for item in batch])  # (B, T)
+    return {"input_ids": input_ids, "text_mask": torch.ones_like(input_ids, dtype=torch.bool), "skipped": []}
 
 
 def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0):
@@ -332,7 +337,7 @@ def to_device(batch, device):
 
 def tiny_lm_config(cfg, tokenizer):
     prefix = 0 if cfg.vit != "tiny" else (cfg.image_size // cfg.vit_patch) ** 2 + 1
-    return GPTConfig(model_type="gpt2", vocab_size=tokenizer.vocab_size, block_size=prefix + cfg.max_len + 8,
+    return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size, block_size=prefix + cfg.max_len + 8,
                      n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
 
 
@@ -383,7 +388,7 @@ def checkpoint_blocks(blocks):
 
 
 class TextLoss(nn.Module):
-    """Stage 1: next-token cross-entropy of a GPT on text alone (positions after the leading eos)."""
+    """Stage 1: next-token cross-entropy of a GPT on text alone (every position after the first)."""
 
     def __init__(self, lm):
         super().__init__()
@@ -650,7 +655,8 @@ def shapes_metrics(model, val, cfg, n=None):
     scores = {f"caption_{k}": v for k, v in data.caption_scores(captions, [e["scene"] for e in examples]).items()}
     if cfg.qa_fraction > 0:
         qs = [e["questions"][i % len(e["questions"])] for i, e in enumerate(examples)]  # one question each
-        answers = greedy(model, [[e["image"], data.qa_prompt(q)] for e, (q, _, _) in zip(examples, qs)], 8)
+        longest = max(len(model.tokenizer.encode(" " + a)) for _, a, _ in qs)
+        answers = greedy(model, [[e["image"], data.qa_prompt(q)] for e, (q, _, _) in zip(examples, qs)], longest + 4)
         scores.update({f"answer_{k}": v for k, v in
                        data.answer_scores(answers, [a for _, a, _ in qs], [k for _, _, k in qs]).items()})
     return scores, examples, captions
@@ -831,11 +837,10 @@ def main(argv=None):
 def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
     """Stage 1: train every weight of the tiny GPT on the training texts alone."""
     lm.to(dist.device)
-    texts = Texts(train_set)
+    texts = PackedTexts(train_set, tokenizer, lm.config.block_size, cfg.seed)
     loss = TextLoss(lm)
     fit("stage 1: language model", loss, lambda m, b: m(b["input_ids"], b["text_mask"]),
-        lambda b: b["text_mask"][:, 1:].sum(), texts,
-        functools.partial(collate_text, tokenizer=tokenizer, max_len=cfg.max_len), cfg, dist, logger,
+        lambda b: b["text_mask"][:, 1:].sum(), texts, collate_rows, cfg, dist, logger,
         steps=cfg.lm_steps, batch_size=cfg.lm_batch_size,
         groups=[{"name": "lm", "params": list(lm.parameters()), "lr": cfg.lm_lr}],
         schedule=(min(50, cfg.lm_steps // 10), "cosine", 0.1))

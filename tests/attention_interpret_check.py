@@ -5,8 +5,10 @@
 TRITON_INTERPRET=1 must be set before triton is first imported, so tests/test_attention.py runs
 this file in a fresh subprocess instead of importing the kernel into the pytest process. Each case
 compares attention.flash_attention with attention.attention_reference: the forward and dq, dk, dv
-in fp32 (max abs error <= 1e-4; the interpreter's fp32 dot is an exact numpy matmul), the forward
-in fp16 (FlashAttention's rule: at most twice the error of plain PyTorch in fp16, plus 1e-4). The
+in fp32 (max abs error <= 1e-4; the interpreter's fp32 dot is an exact numpy matmul), and in fp16
+by FlashAttention's rule (at most twice the error of plain PyTorch in fp16, plus 1e-4), against
+the fp32 reference. Rows that see no key must be exactly 0, with exactly 0 gradient. Two extra
+checks: flash-decoding with forced split counts, and the autotuned launch path. The
 interpreter runs one program at a time, so the shapes are tiny; with its 32x16 blocks they still
 span several blocks (full, diagonal, ragged and skipped ones). bf16 is left to the GPU tests: the
 interpreter mishandles bf16 dots.
@@ -95,16 +97,21 @@ def run_case(name, torch, A):
         errs = [res[f"{key}_err"] for key in ("out", "dq", "dk", "dv")]
         ok = all(e <= FP32_TOL for e in errs)  # NaN compares False, so it fails here too
         tensors = (out, *grads)
-    else:
-        out = A.flash_attention(q, k, v, causal, kpm)
-        ref = A.attention_reference(q.float(), k.float(), v.float(), causal, kpm)
-        naive = naive_low_precision(torch, q, k, v, causal, kpm, A)
-        res["out_err"] = (out.float() - ref).abs().max().item()
-        res["torch_fp16_err"] = (naive.float() - ref).abs().max().item()
-        res["tol"] = 2 * res["torch_fp16_err"] + FP16_SLACK
-        ok = res["out_err"] <= res["tol"]
-        grads = ()
-        tensors = (out,)
+    else:  # FlashAttention's rule against an fp32 reference, for the output and the gradients
+        def run(fn, *inputs):
+            inputs = [t.detach().requires_grad_() for t in inputs]
+            out = fn(*inputs, causal, kpm)
+            return (out, *torch.autograd.grad(out, inputs, do.to(out.dtype)))
+        ours = run(A.flash_attention, q, k, v)
+        want = run(A.attention_reference, q.float(), k.float(), v.float())
+        naive = run(lambda *a: naive_low_precision(torch, *a, A), q, k, v)
+        ok = True
+        for key, a, n, w in zip(("out", "dq", "dk", "dv"), ours, naive, want):
+            res[f"{key}_err"] = (a.float() - w).abs().max().item()
+            res[f"{key}_torch_fp16_err"] = (n.float() - w).abs().max().item()
+            ok = ok and res[f"{key}_err"] <= 2 * res[f"{key}_torch_fp16_err"] + FP16_SLACK
+        out, grads = ours[0], ours[1:]
+        tensors = ours
     res["finite"] = all(bool(torch.isfinite(t).all()) for t in tensors)
     ok = ok and res["finite"]
     if mask is not None or (causal and Tq > Tk):
@@ -142,6 +149,49 @@ def run_decode_split_check(torch, A):
     return res
 
 
+def run_autotune_check(torch, A):
+    """The CUDA launch path (triton.autotune over several configs, grid from the chosen BLOCK_M/N)
+    with a stand-in benchmarker: every config must give the same answer as the reference."""
+    import triton
+    configs = [(32, 16, 4, 1), (16, 32, 4, 1), (64, 64, 4, 1)]
+    timed = []
+
+    def fake_bench(fn, quantiles=None, **kw):
+        fn()
+        timed.append(1)
+        t = float(len(timed) % 3)  # a different config wins for each kernel
+        return [t, t, t] if quantiles else t
+
+    def autotuned(name, block_d):
+        cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
+        return triton.autotune(cfgs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+                               do_bench=fake_bench)(A.KERNELS[name])
+
+    saved = A._configs, A._autotuned
+    A._configs, A._autotuned = (lambda name, block_d, fp32: configs), autotuned
+    try:
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 2, 37, 32, generator=g).requires_grad_() for _ in range(3))
+        kpm = torch.ones(2, 37, dtype=torch.bool)
+        kpm[1, :5] = False
+        do = torch.randn(2, 2, 37, 32, generator=g)
+        out = A.flash_attention(q, k, v, True, kpm)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    finally:
+        A._configs, A._autotuned = saved
+    ref = A.attention_reference(q, k, v, True, kpm)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    res = {"case": "autotune_launcher", "configs_timed": len(timed)}
+    for key, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        res[f"{key}_err"] = (a - b).abs().max().item()
+    res["tol"] = FP32_TOL
+    res["ok"] = len(timed) == 9 and all(res[f"{key}_err"] <= FP32_TOL for key in ("out", "dq", "dk", "dv"))
+    return res
+
+
+EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the per-case results to this file")
@@ -155,10 +205,10 @@ def main(argv=None):
         raise SystemExit("triton was imported before TRITON_INTERPRET=1 could take effect")
     if A.TRITON_IMPORT_ERROR is not None:
         raise SystemExit(f"triton is not importable: {A.TRITON_IMPORT_ERROR}")
-    names = args.only or list(CASES) + ["decode_split_k_merge"]
+    names = args.only or list(CASES) + list(EXTRA_CHECKS)
     results = []
     for name in names:
-        res = run_decode_split_check(torch, A) if name == "decode_split_k_merge" else run_case(name, torch, A)
+        res = EXTRA_CHECKS[name](torch, A) if name in EXTRA_CHECKS else run_case(name, torch, A)
         print(json.dumps(res), flush=True)
         results.append(res)
     if args.json:

@@ -1,0 +1,155 @@
+"""bench.py: every subcommand's --cpu-smoke run, and the equivalence that makes its comparisons fair.
+
+Speed is never asserted. What is: each smoke run writes the rows it promises, with positive figures;
+on a tiny config our MAGMA and the same model assembled from transformers (bench.TransformersMagma)
+give the same loss and gradients (fp32) and the same greedy tokens; and train_flops counts exactly
+the matmuls that run (torch's FlopCounterMode).
+"""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+pytest.importorskip("transformers")
+
+import bench
+from adapters import AdapterConfig
+
+POSITIVE = ("ms_per_step", "samples_per_s", "tokens_per_s", "tflops")
+
+
+def run(tmp_path, *argv):
+    """bench.main(argv + --cpu-smoke --json), in this process; the JSON payload it wrote."""
+    path = tmp_path / f"{argv[0]}.json"
+    bench.main([*argv, "--cpu-smoke", "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def tiny_pair(seed=0):
+    """Our MAGMA and the transformers assembly on one tiny config, fp32, eval mode, weights far from ties,
+    adapters drawn at random (zero-initialised ones would be invisible; build_pair copies them across)."""
+    lm, vit = bench.magma_shapes(smoke=True)
+    adapters = AdapterConfig(init="normal", init_std=0.2)
+    ours, theirs = bench.build_pair(lm, vit, adapters, seed=seed, init_std=0.15, prefix_dropout=0.0)
+    return ours.eval(), theirs.eval(), lm, vit
+
+
+def caption_batch(lm, vit, lengths, T=8, seed=0):
+    """Pixels, ids and a right-padded text mask with the given caption lengths."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    pixels = torch.randn(B, 3, vit.image_size, vit.image_size, generator=g)
+    ids = torch.randint(0, lm.vocab_size, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    return pixels, ids, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# The smoke runs
+
+
+def test_train_smoke_writes_every_row(tmp_path):
+    payload = run(tmp_path, "train")
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert list(rows) == list(bench.TRAIN_VARIANTS)
+    assert payload["flops_per_sample"] == sum(payload["flops_parts"].values()) > 0
+    assert payload["shape"]["image_tokens"] == 17 and payload["shape"]["text_tokens"] == 8
+    measured = [r for r in rows.values() if not r["compile"]]
+    for r in measured:
+        assert all(r[k] > 0 for k in POSITIVE), r
+    # identical weights and inputs: every row's first loss agrees (bf16 autocast on the CPU)
+    losses = [r["loss0"] for r in measured]
+    assert max(losses) - min(losses) < 2e-2, losses
+    assert rows["transformers"]["x_samples_vs_tf"] == 1.0
+    assert rows["ours-compile"]["note"].startswith("n/a")
+
+
+def test_generate_smoke_writes_every_row(tmp_path):
+    payload = run(tmp_path, "generate")
+    rows = payload["rows"]
+    assert [(r["batch"], r["variant"]) for r in rows] == [
+        (b, v) for b in (1, 2) for v in bench.GENERATE_VARIANTS]
+    for r in rows:
+        assert r["new_tokens"] == 8 and r["ms"] > 0 and r["tokens_per_s"] > 0 and r["x_vs_tf"] > 0
+        assert r["agree"] == 1.0, r  # fp32 in the smoke run: the same tokens as transformers
+
+
+def test_big_smoke_doubles_the_batch(tmp_path):
+    payload = run(tmp_path, "big")
+    assert [r["batch"] for r in payload["rows"]] == [1, 2, 4]
+    assert payload["largest_batch"] == 4
+    assert payload["shape"]["lm"]["model_type"] == "gptj"
+    for r in payload["rows"]:
+        assert all(r[k] > 0 for k in POSITIVE), r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+@pytest.mark.parametrize("command", ["train", "generate", "big"])
+def test_without_gpu_one_clear_line(command):
+    with pytest.raises(SystemExit) as e:
+        bench.main([command])
+    message = str(e.value)
+    assert "no CUDA GPU" in message and "--cpu-smoke" in message and "\n" not in message
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(SystemExit, match="nope"):
+        bench.main(["train", "--cpu-smoke", "--variants", "ours,nope"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison is fair: the two assemblies compute the same thing
+
+
+def test_loss_and_gradients_match_transformers():
+    ours, theirs, lm, vit = tiny_pair()
+    pixels, ids, mask = caption_batch(lm, vit, lengths=[8, 5, 1])
+    loss_ours, loss_theirs = ours(pixels, ids, mask), theirs(pixels, ids, mask)
+    assert abs(loss_ours.item() - loss_theirs.item()) <= 1e-4, (loss_ours.item(), loss_theirs.item())
+    loss_ours.backward()
+    loss_theirs.backward()
+    pairs = [(ours.prefix.proj.weight, theirs.prefix.proj.weight),
+             (ours.vit.conv1.weight, theirs.vit.get_parameter("embeddings.patch_embedding.weight"))]
+    pairs += [(o.down.weight, t.down.weight) for o, t in zip(ours.adapters, theirs.adapters)]
+    for a, b in pairs:
+        assert a.grad is not None and a.grad.abs().max() > 0
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), (a.grad - b.grad).abs().max()
+    # the adapters matter to this loss, so a missing adapter on either side could not go unnoticed
+    with torch.no_grad():
+        for t in theirs.adapters:
+            t.up.weight.zero_()
+            t.up.bias.zero_()
+        assert abs(theirs(pixels, ids, mask).item() - loss_theirs.item()) > 1e-3
+
+
+def test_greedy_generation_matches_transformers():
+    ours, theirs, lm, vit = tiny_pair(seed=3)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, vit.image_size, vit.image_size, generator=g)
+    prompt = torch.randint(0, lm.vocab_size, (3, 5), generator=g)
+    mine = bench.ours_generate_ids(ours, pixels, prompt, 12)
+    reference = theirs.generate_ids(pixels, prompt, 12)
+    assert mine == reference
+    assert all(len(row) == 12 for row in mine) and len({t for row in mine for t in row}) > 3  # not degenerate
+
+
+def test_train_flops_counts_the_matmuls_that_run(monkeypatch):
+    """FlopCounterMode over one forward+backward of our model: every mm/addmm/convolution FLOP is in
+    train_flops (frozen weights: no weight gradient; logits at text positions only). The attention runs
+    the reference here (bmm: full score matrix, plain backward), so it is compared separately."""
+    monkeypatch.setenv("MAGMA_ATTENTION", "reference")
+    ours, _, lm, vit = tiny_pair()
+    B, T = 2, 8
+    pixels, ids, mask = caption_batch(lm, vit, lengths=[T] * B, T=T)
+    with FlopCounterMode(display=False) as counter:
+        ours(pixels, ids, mask).backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = counts.pop("aten.bmm", 0)
+    I = vit.grid ** 2 + 1
+    parts = bench.train_flops(lm, vit, ours.config.adapters, image_tokens=I, text_tokens=T)
+    matmuls = sum(v for k, v in parts.items() if not k.endswith("attn"))
+    assert sum(counts.values()) == B * matmuls, counts
+    # the reference attention: QK^T and PV (4 S^2 d per layer) forward, twice that backward
+    S = I + T
+    assert attention == B * 12 * (S * S * lm.n_embd * lm.n_layer + I * I * vit.width * vit.layers)

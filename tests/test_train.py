@@ -1,0 +1,186 @@
+"""Tests for train.py: a tiny end-to-end run, DDP parity, resume, precisions, unreadable images, flags.
+
+Every run here is a real `train.main([...])` (or `torchrun ... train.py`) on tiny models, writing into
+a tmp_path; the figures they compare come from the run's log.jsonl and ckpt.pt.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import magma
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(lm_layers=1, lm_embd=32, lm_heads=2, vit_patch=16, vit_width=32, vit_layers=1, vit_heads=2,
+            image_size=32, train_size=256, val_size=8, eval_every=0, eval_batches=1, eval_images=2,
+            log_every=1, progress=False, lm_steps=0, steps=3, batch_size=8, warmup_steps=1, qa_fraction=0.25)
+
+
+def args(out_dir, **overrides):
+    cfg = dict(TINY, out_dir=str(out_dir), **overrides)
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def log(out_dir, stage="stage 2: magma"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["stage"] == stage]
+
+
+def state(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_options_and_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--lr", "--vit_lr", "--grad_accum", "--precision", "--resume", "gpt2-clip", "shapes", "coco:"):
+        assert text in out
+
+
+def test_presets_and_overrides():
+    cfg, given = train.parse_config(["--steps=7", "--strict", "--lr=1e-4"])
+    assert (cfg.steps, cfg.strict, cfg.lr, cfg.data) == (7, True, 1e-4, "shapes")
+    assert given == {"steps": 7, "strict": True, "lr": 1e-4}
+    cfg, _ = train.parse_config(["--preset=gpt2-clip", "--lm=gpt2", "--vit=clip.pt", "--data=x.jsonl"])
+    assert (cfg.lr, cfg.vit_lr, cfg.beta2, cfg.batch_size) == (8e-4, 2e-6, 0.95, 256)
+    with pytest.raises(SystemExit, match="--lm"):
+        train.parse_config(["--preset=gpt2-clip", "--data=x.jsonl", "--vit=clip.pt"])
+    with pytest.raises(SystemExit, match="precision"):
+        train.parse_config(["--precision=fp8"])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--no_such_flag=1"])
+
+
+def test_lr_schedule():
+    f = lambda s, kind: train.lr_factor(s, 100, 10, kind, 0.1)  # noqa: E731
+    assert f(0, "cosine") == pytest.approx(0.1) and f(9, "cosine") == pytest.approx(1.0)
+    assert f(10, "cosine") == pytest.approx(1.0) and f(100, "cosine") == pytest.approx(0.1)
+    assert f(55, "cosine") == pytest.approx(0.55) and f(55, "linear") == pytest.approx(0.55)
+    assert f(30, "linear") == pytest.approx(0.1 + 0.9 * (1 - 20 / 90))
+    assert f(80, "constant") == 1.0
+
+
+def test_tiny_end_to_end(tmp_path, capsys):
+    """Both stages in seconds: the loss falls, held-out captions beat chance, the frozen LM is unchanged,
+    and magma.py captions an image from the checkpoint."""
+    out = tmp_path / "run"
+    record = train.main(args(out, lm_embd=64, lm_heads=4, vit_width=64, lm_steps=150, lm_batch_size=32,
+                             lm_lr=3e-3, steps=150, batch_size=32, lr=3e-3, vit_lr=3e-3, warmup_steps=10,
+                             max_objects=1, qa_fraction=0.0, val_size=64, train_size=4096))
+    text = capsys.readouterr().out
+    assert "held-out exact match" in text and "greedy caption vs truth" in text
+    assert os.path.isfile(out / "samples.png")
+    lm_log, magma_log = log(out, "stage 1: language model"), log(out)
+    assert lm_log[-1]["loss"] < 0.5 * lm_log[0]["loss"]
+    first, last = sum(r["loss"] for r in magma_log[:5]) / 5, sum(r["loss"] for r in magma_log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    # Chance: position 1/4, colour 1/5, shape 1/4, size 1/2 per object.
+    chance = {"position": 0.25, "colour": 0.2, "shape": 0.25, "size": 0.5}
+    gain = sum(record[f"caption_{a}"] - c for a, c in chance.items()) / len(chance)
+    assert record["caption_count"] > 0.9 and gain > 0.15, record
+
+    # The frozen LM: bit-identical to what stage 1 produced.
+    lm = torch.load(out / "lm.pt", weights_only=True)["state_dict"]
+    frozen = {k[len("lm."):].replace(".module.", "."): v for k, v in state(out)["state_dict"].items()
+              if k.startswith("lm.") and ".adapter." not in k}  # names without the adapter wrappers
+    assert frozen.keys() == lm.keys()
+    assert all(torch.equal(frozen[k], lm[k]) for k in lm)
+
+    # magma.py reads the checkpoint and captions a held-out image.
+    val = data.ShapesDataset("val", 4, 32, max_objects=1)
+    png = tmp_path / "scene.png"
+    val.example(0)["image"].save(png)
+    caption = magma.main(["--checkpoint", str(out / "ckpt.pt"), "--image", str(png), "--temperature", "0"])
+    assert caption.startswith("a ") and "in the" in caption
+
+
+def _torchrun(out_dir, nproc, **overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py"] + args(out_dir, **overrides)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_ddp_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
+    """gloo on CPU: 2 processes x 2 accumulation micro-batches of 2 == 1 process with batches of 8."""
+    common = dict(lm_steps=2, lm_batch_size=8, steps=3, batch_size=8, prefix_dropout=0.0)
+    train.main(args(tmp_path / "one", grad_accum=1, **common))
+    _torchrun(tmp_path / "two", 2, grad_accum=2, **common)
+    one, two = state(tmp_path / "one")["state_dict"], state(tmp_path / "two")["state_dict"]
+    assert one.keys() == two.keys()
+    diffs = {k: (one[k].float() - two[k].float()).abs().max().item() for k in one}
+    assert max(diffs.values()) <= 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    moved = state(tmp_path / "one")["state_dict"]["prefix.proj.weight"]
+    assert not torch.equal(moved, torch.zeros_like(moved))
+    losses_one = [r["loss"] for r in log(tmp_path / "one")]
+    losses_two = [r["loss"] for r in log(tmp_path / "two")]
+    assert losses_one == pytest.approx(losses_two, abs=1e-5)
+    assert state(tmp_path / "two")["train"]["world"] == 2
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """Stop after 3 of 6 steps, resume: the same per-step losses as an uninterrupted run (dropout on,
+    so the RNG state must come back too)."""
+    common = dict(steps=6, prefix_dropout=0.3, lm_steps=3, lm_batch_size=8, train_size=40)  # 5 steps/epoch
+    train.main(args(tmp_path / "straight", **common))
+    train.main(args(tmp_path / "split", stop_after=3, **common))
+    assert [r["step"] for r in log(tmp_path / "split")] == [1, 2, 3]
+    assert state(tmp_path / "split")["train"]["step"] == 3
+    train.main([f"--out_dir={tmp_path / 'split'}", "--resume"])
+    straight, split = log(tmp_path / "straight"), log(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 7))
+    assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+    assert [r["lr"] for r in split] == pytest.approx([r["lr"] for r in straight])
+    a, b = state(tmp_path / "straight")["state_dict"], state(tmp_path / "split")["state_dict"]
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main([f"--out_dir={tmp_path / 'nothing'}", "--resume"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_a_step_on_cpu(tmp_path, precision):
+    train.main(args(tmp_path, precision=precision, steps=2))
+    records = log(tmp_path)
+    assert len(records) == 2 and all(0 < r["loss"] < 20 for r in records)
+    scaler = state(tmp_path)["train"]["scaler"]
+    if precision == "fp16":
+        assert scaler["scale"] > 0  # the GradScaler was in use
+    else:
+        assert not scaler  # bf16 needs no scaling: a disabled scaler saves an empty state
+
+
+def _jsonl_with_bad_images(root):
+    rows = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]):
+        Image.new("RGB", (40, 30), colour).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"colour {i}"})
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    rows.insert(2, {"image": "missing.png", "caption": "gone"})
+    rows.insert(5, {"image": "corrupt.jpg", "caption": "broken"})
+    with open(root / "data.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(root / "data.jsonl")
+
+
+def test_unreadable_images_are_skipped_and_counted_or_stop_the_run(tmp_path, caplog):
+    path = _jsonl_with_bad_images(tmp_path)
+    train.main(args(tmp_path / "run", data=path, steps=4, batch_size=4, eval_images=1))
+    records = log(tmp_path / "run")
+    assert records[-1]["skipped_images"] >= 2  # each bad file at least once in 16 samples of 8 records
+    assert "missing.png" in caplog.text and "corrupt.jpg" in caplog.text
+    with pytest.raises(data.ImageError, match=r"missing\.png|corrupt\.jpg"):
+        train.main(args(tmp_path / "strict", data=path, steps=4, batch_size=4, strict=True))
