@@ -91,16 +91,18 @@ def read_checkpoint_file(path):
     return sd
 
 
-def load_checked(model, state_dict, source):
+def load_checked(model, state_dict, source, expected=None):
     """Copy `state_dict` (already in our names) into `model`, refusing anything that does not fit.
 
-    Every parameter and persistent buffer of the model must be present with the right shape, and
-    nothing may be left over: a missing, unexpected or mis-shaped tensor raises an error naming it
-    and `source` (the file it came from).
+    Every parameter and persistent buffer of the model (or only the names in `expected`, for a
+    checkpoint that holds part of a model) must be present with the right shape, and nothing may be
+    left over: a missing, unexpected or mis-shaped tensor raises an error naming it and `source`
+    (the file it came from).
     """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    expected = set(own) if expected is None else set(expected)
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
     if missing:
         raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if unexpected:

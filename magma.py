@@ -30,7 +30,7 @@ from PIL import Image
 
 from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
 from data import ImageError, clip_preprocess, load_image
-from gpt import GPT, GPTConfig, sample_next
+from gpt import GPT, GPTConfig, load_checked, sample_next
 from tokenizer import ByteTokenizer, Tokenizer
 from vit import PRESETS, ViT, ViTConfig
 
@@ -446,21 +446,8 @@ class Magma(nn.Module):
                                  f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
                                  f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
                                  f"({getattr(config, part)!r}) in the same dtype")
-        state = checkpoint["state_dict"]
-        own = model.state_dict()
-        expected = set(model._saved_names(includes["lm"], includes["vit"]))
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the model it describes: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, tensor in state.items():
-            if tensor.shape != own[name].shape:
-                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(own[name].shape)}")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                own[name].copy_(tensor)
-        return model
+        expected = model._saved_names(includes["lm"], includes["vit"])
+        return load_checked(model, checkpoint["state_dict"], path, expected)
 
 
 def read_magma_checkpoint(path):
