@@ -2,6 +2,10 @@
 
     python bench.py attention [--dtype bf16] [--json out.json]   # the fused kernel vs SDPA backends
     python bench.py attention --cpu-smoke                          # tiny CPU shapes: does the script run?
+    python bench.py train [--json train.json]      # MAGMA training step vs the transformers assembly
+    python bench.py generate [--json gen.json]     # greedy decoding, batch 1 and 32, vs transformers' generate
+    python bench.py big [--json big.json]          # GPT-J-sized LM + ViT-L/14 at the largest batch that fits
+    (each of them also takes --cpu-smoke)
 
 Each subcommand is one function `bench_<name>(args)` returning a payload {"rows": [...], "columns":
 [...]}; main() adds the environment (device, torch, triton), prints the rows as a table and writes
@@ -258,9 +262,9 @@ TRAIN_VARIANTS = {
 GENERATE_VARIANTS = {"transformers": ("transformers", "sdpa"), "ours": ("ours", "auto"), "ours-sdpa": ("ours", "sdpa")}
 
 
-def peak_tflops():
+def peak_tflops(device):
     """Dense bf16 peak of this GPU in TFLOP/s (PEAK_BF16_TFLOPS), or None on a CPU or an unknown GPU."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -274,6 +278,22 @@ def bench_device(name, args):
         raise SystemExit(f"bench.py {name}: no CUDA GPU found; the figures are meant for a GPU. "
                          f"Run `python bench.py {name} --cpu-smoke` to exercise the script on tiny CPU models.")
     return torch.device("cuda")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_ints(text):
+    """argparse type: comma-separated integers >= 1, e.g. "1,32"."""
+    return tuple(positive_int(t) for t in text.split(","))
 
 
 def pick_variants(command, table, names):
@@ -295,8 +315,9 @@ def free_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+def peak_gib(device):
+    """Peak CUDA memory allocated since the last free_memory(), in GiB (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 @contextlib.contextmanager
@@ -394,9 +415,9 @@ def transformers_models(lm_config, vit_config, seed=0, init_std=None):
 def magma_from_transformers(hf_lm, hf_vit, adapters=None, prefix_dropout=0.1):
     """Our Magma holding the weights of a transformers GPT2LMHeadModel and CLIPVisionModel, read back by our
     loaders from a temporary save_pretrained directory; adds MAGMA's adapters and a new image prefix."""
+    from adapters import AdapterConfig
     from gpt import GPT
     from magma import Magma, MagmaConfig
-    from adapters import AdapterConfig
     from vit import ViT
     with tempfile.TemporaryDirectory() as tmp:
         hf_lm.save_pretrained(os.path.join(tmp, "lm"))
@@ -539,10 +560,11 @@ def throughput(row, ms, batch, tokens_per_sample, flops_per_sample, peak):
 
 
 def train_inputs(batch, image_size, text_len, vocab, device):
+    """Random pixels and caption ids (the same for every row), every caption text_len real tokens."""
     g = torch.Generator().manual_seed(1)
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
     input_ids = torch.randint(0, vocab, (batch, text_len), generator=g)
-    text_mask = torch.ones(batch, text_len, dtype=torch.bool)  # full-length captions: text_len real tokens
+    text_mask = torch.ones(batch, text_len, dtype=torch.bool)
     return pixels.to(device), input_ids.to(device), text_mask.to(device)
 
 
@@ -557,7 +579,7 @@ def bench_train(args):
     ours = masters["ours"]
     image_tokens = vit_config.grid ** 2 + (1 if ours.config.prefix_tokens == "all" else 0)
     parts = train_flops(lm_config, vit_config, ours.config.adapters, image_tokens, text_len)
-    flops, peak = sum(parts.values()), peak_tflops()
+    flops, peak = sum(parts.values()), peak_tflops(device)
     inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
     rows = []
     for name in names:
@@ -576,12 +598,12 @@ def bench_train(args):
             with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
                 row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
-            row["peak_gib"] = peak_gib()
+            row["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
             oom = True
         except RuntimeError as e:  # e.g. a torch.compile failure: recorded, the other rows still run
             row["note"] = f"failed: {str(e).strip().splitlines()[0]}"[:120]
-        model = None
+        model = None  # free this row's copy before the next one is built
         if oom:
             row["note"] = "out of memory"
         print(f"  {name} done", file=sys.stderr, flush=True)
@@ -607,12 +629,13 @@ def bench_generate(args):
     device = bench_device("generate", args)
     smoke = args.cpu_smoke
     batches, new, prompt_len, warmup, iters = ((1, 2), 8, 4, 0, 1) if smoke else (
-        tuple(int(b) for b in args.batch_sizes.split(",")), args.new_tokens, args.prompt_len, args.warmup, args.iters)
+        args.batch_sizes, args.new_tokens, args.prompt_len, args.warmup, args.iters)
     names = pick_variants("generate", GENERATE_VARIANTS, args.variants)
     dtype = torch.float32 if smoke else DTYPES[args.dtype]
     lm_config, vit_config = magma_shapes(smoke)
     ours, theirs = build_pair(lm_config, vit_config)
-    models = {"ours": ours.to(device, dtype).eval(), "transformers": theirs.to(device, dtype).eval()}
+    ours.to(device, dtype).eval()  # the whole of both models in `dtype`: inference
+    theirs.to(device, dtype).eval()
     runs = {"ours": lambda px, ids: ours_generate_ids(ours, px, ids, new),
             "transformers": lambda px, ids: theirs.generate_ids(px, ids, new)}
     rows = []
@@ -633,7 +656,7 @@ def bench_generate(args):
                     raise RuntimeError(f"bench.py generate: {name} produced {[len(t) for t in tokens]} tokens, "
                                        f"expected {new} per row")
                 ms = time_ms(fn, warmup, iters, device.type == "cuda")
-            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), peak_gib=peak_gib())
+            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), peak_gib=peak_gib(device))
             if name == "transformers":
                 reference = tokens
             if reference is not None:  # the fraction of tokens equal to transformers' (bf16 may drift)
@@ -667,8 +690,8 @@ def big_shapes(smoke):
 
 def bench_big(args):
     """MAGMA's real size: GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14, at the largest batch that fits."""
-    from magma import Magma, MagmaConfig
     from gpt import GPT
+    from magma import Magma, MagmaConfig
     from vit import ViT
     device = bench_device("big", args)
     smoke = args.cpu_smoke
@@ -684,7 +707,7 @@ def bench_big(args):
     lm = vit = None
     image_tokens = vit_config.grid ** 2 + 1
     parts = train_flops(lm_config, vit_config, model.config.adapters, image_tokens, text_len)
-    flops, peak = sum(parts.values()), peak_tflops()
+    flops, peak = sum(parts.values()), peak_tflops(device)
     n_lm = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows, batch, largest = [], 1, None
@@ -697,7 +720,7 @@ def bench_big(args):
             inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
             row["loss0"], ms = timed_training(model, inputs, False, warmup, iters)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
-            row["peak_gib"] = peak_gib()
+            row["peak_gib"] = peak_gib(device)
             largest = batch
         except torch.cuda.OutOfMemoryError:
             oom = True  # handled below, once the exception (and the frames it holds) is gone
@@ -738,30 +761,30 @@ def main(argv=None):
     smoke_help = "without a GPU: tiny models on the CPU, a couple of steps, to check that the script works"
     variants_help = "comma-separated subset of the rows: {} (default: all)"
     p = sub.add_parser("train", help="MAGMA training step (GPT-2 124M + adapters, ViT-B/16): ours vs transformers")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--text-len", type=int, default=64, help="text tokens after the 197 image tokens")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 197 image tokens")
     p.add_argument("--variants", help=variants_help.format(",".join(TRAIN_VARIANTS)))
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=positive_int, default=20)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_train)
     p = sub.add_parser("generate", help="greedy decoding after an image and a prompt: ours vs transformers' generate")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens after the image")
+    p.add_argument("--batch-sizes", type=positive_ints, default=(1, 32), help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens after the image")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both whole models")
     p.add_argument("--variants", help=variants_help.format(",".join(GENERATE_VARIANTS)))
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_generate)
     p = sub.add_parser("big", help="GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14 at the largest batch that fits")
-    p.add_argument("--max-batch", type=int, default=1024, help="stop doubling the batch here")
-    p.add_argument("--text-len", type=int, default=64, help="text tokens after the 257 image tokens")
+    p.add_argument("--max-batch", type=positive_int, default=1024, help="stop doubling the batch here")
+    p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 257 image tokens")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_big)
