@@ -116,6 +116,7 @@ def visible_mask(Tq, Tk, causal, key_padding_mask, device):
 
 
 def _check(q, k, v, key_padding_mask):
+    """Raise a ValueError naming the tensor whose shape does not fit q (B, H, Tq, D)."""
     if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
         raise ValueError(f"q, k, v must be (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -568,6 +569,7 @@ KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
 
 def _configs(name, block_d, fp32):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for kernel `name` at this head dim."""
     if INTERPRET:
         return [INTERPRET_CONFIGS[name]]
     if fp32:
@@ -601,6 +603,7 @@ def _launch(name, block_d, grid, args, consts):
 # ------------------------------------------------------------------------------------------------
 
 def _bucket(n):
+    """The power of two >= n: lengths enter the autotuner's key as buckets."""
     return 1 << max(n - 1, 0).bit_length()
 
 

@@ -43,10 +43,12 @@ CHECKPOINT_VERSION = 1
 
 
 def tiny_lm_config():
+    """A 2-layer, 32-wide GPT-2 over bytes (257 tokens): the default LM of tests and smoke runs."""
     return GPTConfig(model_type="gpt2", vocab_size=257, block_size=128, n_layer=2, n_head=2, n_embd=32)
 
 
 def tiny_vit_config():
+    """A 2-layer, 32-wide ViT on 32x32 images (16 patches + class token): the default image encoder."""
     return ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16)
 
 
@@ -94,6 +96,7 @@ class MagmaConfig:
 
 
 def to_jsonable(value):
+    """Configs -> plain JSON values (dataclasses become dicts, tuples lists, anything else its str)."""
     if is_dataclass(value):
         return {k: to_jsonable(v) for k, v in asdict(value).items()}
     if isinstance(value, (list, tuple)):
@@ -115,6 +118,7 @@ def vit_from_spec(spec, image_size=None):
 
 
 def tokenizer_from_spec(spec):
+    """"byte" -> ByteTokenizer; anything else is a GPT-2 tokenizer directory."""
     return ByteTokenizer() if spec == "byte" else Tokenizer.from_pretrained(spec)
 
 
@@ -421,7 +425,10 @@ class Magma(nn.Module):
         (instances or paths) or else from the paths recorded at training time, and must match the
         fingerprints recorded then."""
         checkpoint = read_magma_checkpoint(path)
-        config = MagmaConfig(**json.loads(checkpoint["config"]))
+        try:
+            config = MagmaConfig(**json.loads(checkpoint["config"]))
+        except (TypeError, ValueError) as e:  # a field this code does not know, or a bad value
+            raise ValueError(f"{path}: bad config in checkpoint ({e})") from None
         includes = checkpoint["includes"]
 
         def base(part, given, build_from_config, build_from_path):
@@ -434,7 +441,8 @@ class Magma(nn.Module):
                 return build_from_path(source)
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: could not load the base {part.upper()} this checkpoint was trained "
-                                 f"on from {source!r} ({e}); pass {part}=PATH or {part}=model") from None
+                                 f"on from {source!r} ({e}); pass {part}=PATH or {part}=model "
+                                 f"(--{part} PATH on the command line)") from None
 
         lm_model = base("lm", lm, lambda c: GPT(GPTConfig(**c)), GPT.from_pretrained)
         vit_model = base("vit", vit, lambda c: ViT(ViTConfig(**c)),
@@ -457,7 +465,9 @@ def read_magma_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, ...: all mean "not a checkpoint"
-        raise ValueError(f"{path}: not a readable MAGMA checkpoint ({type(e).__name__}: {e})") from None
+        # torch's messages run to many lines and advise weights_only=False: keep the first sentence
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise ValueError(f"{path}: not a readable MAGMA checkpoint ({type(e).__name__}: {reason})") from None
     keys = ("config", "lm_config", "vit_config", "includes", "fingerprint", "state_dict")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT \
             or any(k not in checkpoint for k in keys):
@@ -472,7 +482,9 @@ def read_magma_checkpoint(path):
 
 
 def main(argv=None):
+    """The command line: load a checkpoint, read the images, print the continuation of the prompt."""
     parser = argparse.ArgumentParser(
+        prog="magma.py",  # also when main() is called from train.py or a test
         description="Caption images (or continue interleaved image/text prompts) with a trained MAGMA model.",
         epilog="Images and prompts are interleaved in the order given: "
                "--image a.jpg --prompt 'A cat.' --image b.jpg --prompt 'A picture of'")
@@ -495,11 +507,17 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
     try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
+    try:
         example = [load_image(value) if kind == "image" else value for kind, value in args.items]
-        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(args.device)
+        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(device)
         generator = None
         if args.seed is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+            generator = torch.Generator(device=device).manual_seed(args.seed)
         text = model.generate([example], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, generator=generator)[0]
     except (OSError, ValueError, ImageError) as e:

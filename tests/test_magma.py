@@ -2,19 +2,23 @@
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, GPTConfig, sample_next
-from magma import Magma, MagmaConfig, main
+from magma import ImagePrefix, Magma, MagmaConfig, main
 from tokenizer import ByteTokenizer, Tokenizer
 from vit import OPENAI_NAMES, ViTConfig, rename
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = dict(model_type="gpt2", vocab_size=257, block_size=96, n_layer=2, n_head=2, n_embd=32)
 VIT = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)  # 1 + 4 image tokens
 
@@ -73,6 +77,22 @@ def test_zero_init_adapters_keep_the_lm_logits():
     assert model.lm is bare and model.config.lm == bare.config  # wraps the given LM, config describes it
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert model.report().startswith("adapters: ") and f"trainable in all: {n_trained / 1e3:.1f}K" in model.report()
+
+
+def test_image_prefix_is_linear_dropout_layernorm():
+    prefix = ImagePrefix(32, 24)  # MAGMA's: every ViT token, Linear -> Dropout(0.1) -> LayerNorm
+    assert prefix.dropout.p == 0.1 and isinstance(prefix.ln, nn.LayerNorm)
+    assert tiny_magma().prefix.dropout.p == 0.1 and tiny_magma().prefix.ln is not None  # Magma's defaults
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(prefix.eval()(h), prefix.ln(prefix.proj(h)), atol=1e-6)
+        prefix.train()
+        torch.manual_seed(0)
+        out = prefix(h)
+        torch.manual_seed(0)  # the same dropout mask, applied before the LayerNorm
+        assert torch.allclose(out, prefix.ln(F.dropout(prefix.proj(h), 0.1, training=True)), atol=1e-6)
+        assert not torch.allclose(out, prefix.eval()(h))
+        assert ImagePrefix(32, 24, tokens="patches")(h).shape == (2, 4, 24)  # the class token dropped
 
 
 def test_training_changes_only_adapters_prefix_and_vit():
@@ -182,6 +202,19 @@ def test_batched_greedy_generation_equals_one_at_a_time():
     assert model.generate_ids(batch, max_new_tokens=4, temperature=0.7, top_k=1, eos=False) == [r[:4] for r in together]
 
 
+def test_cached_greedy_generation_equals_uncached_recomputation():
+    model = sharpen(tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))).eval()
+    img1, img2 = pixels(2)
+    example = [img1, "ab", img2, "c"]
+    got = model.generate_ids([example], max_new_tokens=6, temperature=0, eos=False)[0]
+    with torch.no_grad():
+        prompt, ids = model.embed(example), []  # (T, C)
+        for _ in range(6):  # re-run the whole sequence for every token: no cache
+            x = torch.cat([prompt, model.lm.transformer.wte(torch.tensor(ids, dtype=torch.long))])
+            ids.append(int(model.lm(inputs_embeds=x[None])[0, -1].argmax()))
+    assert got == ids
+
+
 def test_each_row_stops_at_its_own_eos():
     model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
     batch = [[pixels(1)[0], "ab"], ["a longer prompt"]]
@@ -193,6 +226,14 @@ def test_each_row_stops_at_its_own_eos():
     stopped = sample(stop)  # the same random draws; now `stop` is the end-of-text id
     assert stopped[0] == free[0][:k]
     assert stopped[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    # once every row has ended, decoding stops: here the first greedy token is the eos
+    calls = []
+    model.lm.register_forward_hook(lambda *a: calls.append(1))
+    first = model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=False)[0][0]
+    assert len(calls) == 12  # prefill + 11 one-token steps
+    calls.clear()
+    assert model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=first) == [[]]
+    assert len(calls) == 1  # the prefill only
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -260,6 +301,24 @@ def test_save_load_self_contained(tmp_path):
     same_outputs(model, Magma.load(str(path)))
 
 
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = tiny_magma()
+    path = tmp_path / "ckpt.pt"
+    model.save(str(path))
+    before = path.read_bytes()
+
+    def crash_midway(obj, f):  # a write that dies half-way (disk full, killed process)
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    sgd_steps(model, steps=1)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]  # old file intact, no debris
+
+
 def test_save_load_onto_public_checkpoints(tmp_path):
     lm_dir, vit_file = write_hf_gpt2(tmp_path / "gpt2", seed=1), write_openai_vit(tmp_path / "clip.pt", seed=2)
     model = Magma.from_pretrained(lm=lm_dir, vit=vit_file, tokenizer="byte", freeze_vit=True)
@@ -277,6 +336,8 @@ def test_save_load_onto_public_checkpoints(tmp_path):
     other = write_hf_gpt2(tmp_path / "other", seed=3)
     with pytest.raises(ValueError, match="LM weights given differ"):
         Magma.load(path, lm=other)
+    with pytest.raises(ValueError, match="VIT weights given differ"):
+        Magma.load(path, vit=write_openai_vit(tmp_path / "other_clip.pt", seed=4))
     os.rename(lm_dir, str(tmp_path / "moved"))
     with pytest.raises(ValueError, match=r"base LM .*gpt2.*pass lm="):
         Magma.load(path)
@@ -303,6 +364,11 @@ def test_bad_checkpoint_files_are_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="other.pt.*not a MAGMA checkpoint"):
         Magma.load(str(other))
+    future = torch.load(good, weights_only=True)  # a config field this code does not know
+    future["config"] = json.dumps({**json.loads(future["config"]), "future_field": 1})
+    torch.save(future, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="future.pt: bad config.*future_field"):
+        Magma.load(str(tmp_path / "future.pt"))
 
 
 def test_command_line(tmp_path, capsys):
@@ -324,10 +390,55 @@ def test_command_line(tmp_path, capsys):
     capsys.readouterr()
 
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    for args, message in [(["--image", str(tmp_path / "missing.jpg")], "missing.jpg"),
-                          (["--image", str(tmp_path / "bad.jpg")], "bad.jpg"),
-                          (["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "none.pt")]:
+    (tmp_path / "bad.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    errors = [  # (arguments, what the error line names)
+        (["--image", str(tmp_path / "missing.jpg")], "missing.jpg"),
+        (["--image", str(tmp_path / "bad.jpg")], "bad.jpg"),
+        (["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "none.pt"),
+        (["--checkpoint", str(tmp_path / "bad.pt"), "--prompt", "x"], "bad.pt"),  # torch's error: many lines
+        (["--prompt", "x", "--device", "tpu9"], "--device 'tpu9'"),
+    ]
+    if not torch.cuda.is_available():
+        errors.append((["--prompt", "x", "--device", "cuda"], "no CUDA GPU"))
+    for args, message in errors:
         argv = args if "--checkpoint" in args else ["--checkpoint", ckpt] + args
         with pytest.raises(SystemExit):
             main(argv)
-        assert message in capsys.readouterr().err
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 or lines[0].startswith("usage:"), lines  # argparse's usage, then its error
+        assert lines[-1].startswith("magma.py: error: ") and message in lines[-1], lines
+
+
+def test_command_line_as_a_user_runs_it(tmp_path):
+    """`python magma.py ...` in a fresh process: a caption on stdout, or one error line and no traceback."""
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    model.save(str(tmp_path / "m.pt"))
+    image = Image.new("RGB", (24, 20), (200, 30, 30))
+    image.save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    ckpt, greedy = ["--checkpoint", "m.pt"], ["--temperature", "0", "--max-new-tokens", "5"]
+    runs = {  # name: (arguments, rc, what the one stderr line names)
+        "caption": (ckpt + ["--image", "a.png", "--prompt", "A picture of"], 0, None),
+        "few_shot": (ckpt + ["--image", "a.png", "--prompt", "A red.", "--image", "a.png", "--prompt", "A"] + greedy,
+                     0, None),
+        "help": (["--help"], 0, None),
+        "missing_image": (ckpt + ["--image", "missing.png", "--prompt", "A"], 1, "missing.png"),
+        "corrupt_image": (ckpt + ["--image", "bad.png"], 1, "bad.png"),
+        "missing_checkpoint": (["--checkpoint", "none.pt", "--image", "a.png"], 1, "none.pt"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "magma.py"), *args], cwd=tmp_path,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (args, _, _) in runs.items()}  # all at once: each pays for importing torch
+    results = {name: (*(s.decode() for s in p.communicate(timeout=600)), p.returncode) for name, p in procs.items()}
+    for name, (args, rc, names) in runs.items():
+        out, err, code = results[name]
+        assert code == rc and "Traceback" not in err, (name, code, err)
+        if rc == 0:
+            assert err == "" and out.endswith("\n"), (name, err)
+        else:
+            assert out == "" and len(err.splitlines()) == 1 and err.startswith("magma.py: error: ") \
+                and names in err, (name, err)
+    pix = clip_preprocess(image, 16)
+    assert results["few_shot"][0] == model.generate([[pix, "A red.", pix, "A"]], max_new_tokens=5,
+                                                    temperature=0)[0] + "\n"
+    assert all(flag in results["help"][0] for flag in ("--checkpoint", "--image", "--prompt", "--top-p"))
