@@ -126,13 +126,13 @@ def load_image(path):
 # never share a scene description: a description goes to validation when its hash says so, so the
 # held-out captions are combinations of attributes the model never saw together.
 
-SIZES = {"small": 0.11, "large": 0.20}  # radius as a fraction of the image side
+SIZES = {"small": 0.13, "large": 0.21}  # radius as a fraction of the image side
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
     "blue": (50, 90, 235),
     "yellow": (235, 215, 40),
-    "purple": (160, 60, 210),
+    "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = {  # name -> centre as fractions of (width, height); listed in reading order
@@ -224,15 +224,17 @@ def shape_polygon(shape, cx, cy, r):
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def render_scene(scene, image_size, rng, supersample=4):
-    """Draw a scene with Pillow: jittered centres, radii and colours, antialiased by supersampling."""
+def render_scene(scene, image_size, rng, supersample=None):
+    """Draw a scene with Pillow: jittered centres, radii and colours, antialiased by drawing at
+    `supersample` times the size (default: about 128 px) and averaging down."""
+    supersample = supersample or max(1, 128 // image_size)
     S = image_size * supersample
     background = tuple(rng.randint(0, 40) for _ in range(3))
     im = Image.new("RGB", (S, S), background)
     draw = ImageDraw.Draw(im)
     for o in scene:
         fx, fy = POSITIONS[o.position]
-        cx, cy = (fx + rng.uniform(-0.04, 0.04)) * S, (fy + rng.uniform(-0.04, 0.04)) * S
+        cx, cy = (fx + rng.uniform(-0.025, 0.025)) * S, (fy + rng.uniform(-0.025, 0.025)) * S
         r = SIZES[o.size] * S * rng.uniform(0.9, 1.1)
         colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[o.colour])
         if o.shape == "circle":
@@ -260,7 +262,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     scene's caption. `example(idx)` gives everything about one scene, for evaluation.
     """
 
-    def __init__(self, split="train", size=20000, image_size=32, seed=0, qa_fraction=0.0,
+    def __init__(self, split="train", size=20000, image_size=48, seed=0, qa_fraction=0.0,
                  max_objects=2, val_fraction=0.1):
         if split not in ("train", "val"):
             raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
@@ -293,6 +295,18 @@ class ShapesDataset(torch.utils.data.Dataset):
             question, answer, _ = rng.choice(scene_questions(scene))
             return qa_text(question, answer)
         return scene_caption(scene)
+
+    def document(self, idx):
+        """A short text about scene idx: its caption and one to three of its question-answer pairs
+        in a seeded random order. A corpus of these teaches a language model to read earlier text
+        (a later sentence repeats facts of an earlier one), which a frozen LM needs before it can
+        read an image prefix."""
+        scene = self.scene(idx)
+        rng = self._rng(idx, "document")
+        qa = [qa_text(q, a) for q, a, _ in rng.sample(scene_questions(scene), rng.randint(1, 3))]
+        parts = qa + [scene_caption(scene)]
+        rng.shuffle(parts)
+        return ". ".join(parts)
 
     def example(self, idx):
         """{"image", "caption", "questions": [(q, a, kind)], "scene"} for scene idx."""

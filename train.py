@@ -65,7 +65,7 @@ class TrainConfig:
     val_size: int = opt(500, "shapes: number of held-out scenes used for evaluation")
     qa_fraction: float = opt(0.25, "shapes: fraction of training texts that are question-answer pairs")
     max_objects: int = opt(2, "shapes: at most this many objects per scene")
-    image_size: int = opt(32, "image side in pixels (0 = the pretrained ViT's own)")
+    image_size: int = opt(48, "image side in pixels (0 = the pretrained ViT's own)")
     max_len: int = opt(96, "longest text in tokens (longer texts are cut)")
     num_workers: int = opt(0, "DataLoader worker processes")
     # models
@@ -76,7 +76,7 @@ class TrainConfig:
     lm_embd: int = opt(128, "tiny GPT: width")
     lm_heads: int = opt(4, "tiny GPT: attention heads")
     vit: str = opt("tiny", "'tiny', a CLIP preset name (random init) or a CLIP checkpoint path")
-    vit_patch: int = opt(4, "tiny ViT: patch size")
+    vit_patch: int = opt(24, "tiny ViT: patch size (shapes: 24 of 48 px, one patch per quadrant)")
     vit_width: int = opt(96, "tiny ViT: width")
     vit_layers: int = opt(2, "tiny ViT: layers")
     vit_heads: int = opt(4, "tiny ViT: attention heads")
@@ -87,11 +87,11 @@ class TrainConfig:
     prefix_dropout: float = opt(0.0, "dropout on the image prefix (MAGMA: 0.1)")
     freeze_vit: bool = opt(False, "keep the image encoder fixed (MAGMA trains it)")
     # stage 1: language model pretraining (tiny LM only)
-    lm_steps: int = opt(600, "stage 1 steps (0 = skip)")
-    lm_batch_size: int = opt(64, "stage 1 batch size")
+    lm_steps: int = opt(300, "stage 1 steps (0 = skip)")
+    lm_batch_size: int = opt(32, "stage 1 batch size (rows of packed text)")
     lm_lr: float = opt(3e-3, "stage 1 peak learning rate")
     # stage 2: MAGMA training
-    steps: int = opt(1500, "stage 2 optimizer steps")
+    steps: int = opt(2000, "stage 2 optimizer steps")
     batch_size: int = opt(64, "samples per optimizer step, summed over processes and accumulation")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(2e-3, "peak learning rate of the adapters and the image prefix (MAGMA: 8e-4)")
@@ -285,7 +285,7 @@ class PackedTexts(torch.utils.data.Dataset):
 
     def text(self, idx):
         if isinstance(self.dataset, data.ShapesDataset):
-            return self.dataset.text(idx)
+            return self.dataset.document(idx)
         return self.dataset.records[idx][1]
 
     def __getitem__(self, idx):
@@ -337,7 +337,7 @@ def to_device(batch, device):
 
 def tiny_lm_config(cfg, tokenizer):
     prefix = 0 if cfg.vit != "tiny" else (cfg.image_size // cfg.vit_patch) ** 2 + 1
-    return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size, block_size=prefix + cfg.max_len + 8,
+    return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size, block_size=max(256, prefix + cfg.max_len + 8),
                      n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
 
 

@@ -280,7 +280,7 @@ def test_shapes_captions_questions_and_scores():
     scenes = [ds.scene(i) for i in range(20)]
     truth = [data.scene_caption(s) for s in scenes]
     assert data.caption_scores(truth, scenes) == {k: 1.0 for k in ("exact", "count") + data.ATTRIBUTES}
-    wrong = [t.replace(s[0].colour, "purple" if s[0].colour != "purple" else "red", 1) for t, s in zip(truth, scenes)]
+    wrong = [t.replace(s[0].colour, "white" if s[0].colour != "white" else "red", 1) for t, s in zip(truth, scenes)]
     scores = data.caption_scores(wrong, scenes)
     assert scores["exact"] == 0.0 and scores["shape"] == 1.0 and scores["colour"] < 1.0
     assert data.answer_scores(["red", "two"], ["red", "one"], ["colour", "count"]) == \
