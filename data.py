@@ -296,18 +296,6 @@ class ShapesDataset(torch.utils.data.Dataset):
             return qa_text(question, answer)
         return scene_caption(scene)
 
-    def document(self, idx):
-        """A short text about scene idx: its caption and one to three of its question-answer pairs
-        in a seeded random order. A corpus of these teaches a language model to read earlier text
-        (a later sentence repeats facts of an earlier one), which a frozen LM needs before it can
-        read an image prefix."""
-        scene = self.scene(idx)
-        rng = self._rng(idx, "document")
-        qa = [qa_text(q, a) for q, a, _ in rng.sample(scene_questions(scene), rng.randint(1, 3))]
-        parts = qa + [scene_caption(scene)]
-        rng.shuffle(parts)
-        return ". ".join(parts)
-
     def example(self, idx):
         """{"image", "caption", "questions": [(q, a, kind)], "scene"} for scene idx."""
         scene = self.scene(idx)

@@ -88,10 +88,10 @@ class TrainConfig:
     freeze_vit: bool = opt(False, "keep the image encoder fixed (MAGMA trains it)")
     # stage 1: language model pretraining (tiny LM only)
     lm_steps: int = opt(300, "stage 1 steps (0 = skip)")
-    lm_batch_size: int = opt(32, "stage 1 batch size (rows of packed text)")
+    lm_batch_size: int = opt(16, "stage 1 batch size (rows of 256 tokens of packed text)")
     lm_lr: float = opt(3e-3, "stage 1 peak learning rate")
     # stage 2: MAGMA training
-    steps: int = opt(2000, "stage 2 optimizer steps")
+    steps: int = opt(3000, "stage 2 optimizer steps")
     batch_size: int = opt(64, "samples per optimizer step, summed over processes and accumulation")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(2e-3, "peak learning rate of the adapters and the image prefix (MAGMA: 8e-4)")
@@ -111,11 +111,11 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     seed: int = opt(0, "seed of the model init, the data and everything random")
     # evaluation, logging, checkpoints
-    eval_every: int = opt(500, "evaluate every N stage-2 steps (0 = only at the end)")
+    eval_every: int = opt(1000, "evaluate every N stage-2 steps (0 = only at the end)")
     eval_batches: int = opt(4, "validation batches for the validation loss")
     eval_images: int = opt(4, "fixed validation images whose greedy captions are logged")
     log_every: int = opt(10, "write a JSON Lines log record every N steps")
-    save_every: int = opt(500, "write the checkpoint every N stage-2 steps (0 = only at the end)")
+    save_every: int = opt(1000, "write the checkpoint every N stage-2 steps (0 = only at the end)")
     out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here")
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
@@ -285,7 +285,7 @@ class PackedTexts(torch.utils.data.Dataset):
 
     def text(self, idx):
         if isinstance(self.dataset, data.ShapesDataset):
-            return self.dataset.document(idx)
+            return self.dataset.text(idx)
         return self.dataset.records[idx][1]
 
     def __getitem__(self, idx):
@@ -336,9 +336,15 @@ def to_device(batch, device):
 
 
 def tiny_lm_config(cfg, tokenizer):
+    """The tiny GPT of stage 1: rows of 256 packed tokens, and room for image prefix + caption."""
     prefix = 0 if cfg.vit != "tiny" else (cfg.image_size // cfg.vit_patch) ** 2 + 1
-    return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size, block_size=max(256, prefix + cfg.max_len + 8),
+    return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size,
+                     block_size=max(256, prefix + cfg.max_len + 8),
                      n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
+
+
+STAGE1_FIELDS = ("data", "train_size", "qa_fraction", "max_objects", "seed", "lm_type", "lm_layers", "lm_embd",
+                 "lm_heads", "lm_steps", "lm_batch_size", "lm_lr", "image_size", "vit_patch", "max_len")
 
 
 def magma_config(cfg, lm):
@@ -478,15 +484,23 @@ def save_checkpoint(path, model, train_state):
             os.remove(tmp)
 
 
-def save_lm(path, lm):
+def save_lm(path, lm, cfg):
+    """Stage 1's result, with the settings that produced it (a later run with the same ones reuses it)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"config": dataclasses.asdict(lm.config), "state_dict": lm.state_dict()}, tmp)
+    made_by = {k: getattr(cfg, k) for k in STAGE1_FIELDS}
+    torch.save({"config": dataclasses.asdict(lm.config), "made_by": json.dumps(made_by),
+                "state_dict": lm.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
-def load_lm(path):
+def load_lm(path, cfg):
+    """The stage-1 LM in `path` if the same settings made it, else None."""
+    if not os.path.isfile(path):
+        return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        if json.loads(saved["made_by"]) != {k: getattr(cfg, k) for k in STAGE1_FIELDS}:
+            return None
         lm = GPT(GPTConfig(**saved["config"]))
         lm.load_state_dict(saved["state_dict"])
     except Exception as e:
@@ -726,6 +740,20 @@ def final_report(model, val, collate_fn, cfg, dist, logger, step):
     return record
 
 
+def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
+    """Stage 1: train every weight of the tiny GPT on the training texts alone."""
+    lm.to(dist.device)
+    texts = PackedTexts(train_set, tokenizer, lm.config.block_size, cfg.seed)
+    loss = TextLoss(lm)
+    fit("stage 1: language model", loss, lambda m, b: m(b["input_ids"], b["text_mask"]),
+        lambda b: b["text_mask"][:, 1:].sum(), texts, collate_rows, cfg, dist, logger,
+        steps=cfg.lm_steps, batch_size=cfg.lm_batch_size,
+        groups=[{"name": "lm", "params": list(lm.parameters()), "lr": cfg.lm_lr}],
+        schedule=(min(50, cfg.lm_steps // 10), "cosine", 0.1))
+    lm.eval()
+    lm.cpu()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Main
 
@@ -766,15 +794,15 @@ def main(argv=None):
         lm = None
         if cfg.lm == "tiny":
             lm_path = os.path.join(cfg.out_dir, "lm.pt")
-            if os.path.isfile(lm_path) and cfg.lm_steps > 0 and not given.get("lm_steps"):
-                lm = load_lm(lm_path)
-                logger.print(f"stage 1: reusing the language model in {lm_path}")
+            lm = load_lm(lm_path, cfg) if cfg.lm_steps > 0 else None
+            if lm is not None:
+                logger.print(f"stage 1: reusing the language model in {lm_path} (same settings)")
             else:
                 lm = GPT(tiny_lm_config(cfg, tokenizer))
                 if cfg.lm_steps > 0:
                     pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger)
                     if dist.main:
-                        save_lm(lm_path, lm)
+                        save_lm(lm_path, lm, cfg)
         model = Magma(magma_config(cfg, lm), lm=lm, tokenizer=tokenizer)
         start_step = 0
     model.to(dist.device)
@@ -827,26 +855,15 @@ def main(argv=None):
         record = final_report(model, val_set, collate_fn, cfg, dist, logger, step)
         minutes = (time.perf_counter() - t_start) / 60
         print(f"checkpoint: {ckpt_path} ({minutes:.1f} min); caption an image with\n"
-              f"  python magma.py --checkpoint {ckpt_path} --image IMAGE.png --temperature 0")
+              f"  python magma.py --checkpoint {ckpt_path} --image IMAGE.png --temperature 0 --max-new-tokens 100")
     dist.barrier()
     if dist.world > 1:
         torch_dist.destroy_process_group()
     return record
 
 
-def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
-    """Stage 1: train every weight of the tiny GPT on the training texts alone."""
-    lm.to(dist.device)
-    texts = PackedTexts(train_set, tokenizer, lm.config.block_size, cfg.seed)
-    loss = TextLoss(lm)
-    fit("stage 1: language model", loss, lambda m, b: m(b["input_ids"], b["text_mask"]),
-        lambda b: b["text_mask"][:, 1:].sum(), texts, collate_rows, cfg, dist, logger,
-        steps=cfg.lm_steps, batch_size=cfg.lm_batch_size,
-        groups=[{"name": "lm", "params": list(lm.parameters()), "lr": cfg.lm_lr}],
-        schedule=(min(50, cfg.lm_steps // 10), "cosine", 0.1))
-    lm.eval()
-    lm.cpu()
-
-
 if __name__ == "__main__":
-    sys.exit(0 if main() is not False else 1)
+    try:
+        main()
+    except (data.ImageError, OSError, ValueError) as e:  # a user's bad path, file or value: one line
+        sys.exit(f"train.py: error: {e}")

@@ -42,7 +42,8 @@ def _torchvision_transforms():
     """torchvision.transforms imported from a wheel file, or None when no wheel is at hand."""
     if "torchvision.transforms" in sys.modules:
         return sys.modules["torchvision.transforms"]
-    wheels = [os.environ.get("TORCHVISION_WHEEL", "")] + sorted(glob.glob(os.path.join(REPO, ".whl", "torchvision-*.whl")))
+    wheels = [os.environ.get("TORCHVISION_WHEEL", "")]
+    wheels += sorted(glob.glob(os.path.join(REPO, ".whl", "torchvision-*.whl")))
     wheels = [w for w in wheels if w and os.path.isfile(w)]
     if not wheels:
         return None
@@ -320,7 +321,8 @@ def test_jsonl_coco_vqa_magma(tmp_path):
     assert ds[0]["image"].mode == "RGB" and ds[0]["skipped"] == []
 
     coco = {"images": [{"id": 7, "file_name": "a.png"}, {"id": 9, "file_name": "b.jpg"}],
-            "annotations": [{"image_id": 9, "id": 1, "caption": " Blue. "}, {"image_id": 7, "id": 2, "caption": "Red."}]}
+            "annotations": [{"image_id": 9, "id": 1, "caption": " Blue. "},
+                            {"image_id": 7, "id": 2, "caption": "Red."}]}
     json.dump(coco, open(f"{root}/coco.json", "w"))
     ds = data.open_dataset(f"coco:{root}/coco.json,{root}/img")
     assert [ds[i]["caption"] for i in range(2)] == ["Blue.", "Red."]
@@ -415,7 +417,8 @@ def test_collate():
     tok = ByteTok()
     pil = Image.new("RGB", (40, 30), (255, 0, 0))
     pixels = clip_preprocess(Image.new("RGB", (16, 16), (0, 0, 255)), 16)
-    batch = data.collate([{"image": pil, "caption": "ab"}, {"image": pixels, "caption": "abcd", "skipped": ["x"]}], tok, 16)
+    items = [{"image": pil, "caption": "ab"}, {"image": pixels, "caption": "abcd", "skipped": ["x"]}]
+    batch = data.collate(items, tok, 16)
     assert batch["pixels"].shape == (2, 3, 16, 16) and batch["pixels"].dtype == torch.float32
     assert torch.equal(batch["pixels"][1], pixels)
     assert batch["input_ids"].tolist() == [[97, 98, 256, 256, 256], [97, 98, 99, 100, 256]]
