@@ -243,12 +243,6 @@ def bench_attention(args):
 # wraps its MLPs exactly as it wraps ours. tests/test_bench.py checks on a tiny config that the two
 # assemblies give the same loss (fp32) and the same greedy tokens.
 
-PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; first key found in torch.cuda.get_device_name()
-    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989, "GH200": 989,
-    "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
-    "RTX 4090": 165, "RTX 3090": 71,
-}
-
 # name: (assembly, frozen LM weights, attention impl (ours: attention.py's MAGMA_ATTENTION), torch.compile)
 # Every row runs under bf16 autocast; "lm_weights" is the dtype the frozen LM's weights are held in.
 TRAIN_VARIANTS = {
@@ -260,14 +254,6 @@ TRAIN_VARIANTS = {
     "ours-compile": ("ours", "bf16", "auto", True),
 }
 GENERATE_VARIANTS = {"transformers": ("transformers", "sdpa"), "ours": ("ours", "auto"), "ours-sdpa": ("ours", "sdpa")}
-
-
-def peak_tflops(device):
-    """Dense bf16 peak of this GPU in TFLOP/s (PEAK_BF16_TFLOPS), or None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def bench_device(name, args):
@@ -579,6 +565,7 @@ def bench_train(args):
     ours = masters["ours"]
     image_tokens = vit_config.grid ** 2 + (1 if ours.config.prefix_tokens == "all" else 0)
     parts = train_flops(lm_config, vit_config, ours.config.adapters, image_tokens, text_len)
+    from train import peak_tflops  # one table of GPU peaks, shared with the training progress bar
     flops, peak = sum(parts.values()), peak_tflops(device)
     inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
     rows = []
@@ -707,6 +694,7 @@ def bench_big(args):
     lm = vit = None
     image_tokens = vit_config.grid ** 2 + 1
     parts = train_flops(lm_config, vit_config, model.config.adapters, image_tokens, text_len)
+    from train import peak_tflops  # one table of GPU peaks, shared with the training progress bar
     flops, peak = sum(parts.values()), peak_tflops(device)
     n_lm = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

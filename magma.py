@@ -58,8 +58,9 @@ class MagmaConfig:
 
     lm: a GPTConfig, or the path of a Hugging Face GPT directory (gpt.GPT.from_pretrained).
     vit: a ViTConfig, a preset name from vit.PRESETS (random init), or a CLIP checkpoint path.
-    tokenizer: "byte" (tokenizer.ByteTokenizer), a GPT-2 tokenizer directory, or None = the lm path
-        when lm is a path, else "byte".
+    tokenizer: "byte" (tokenizer.ByteTokenizer), {"merges": [[a, b], ...]} (a merge table learned with
+        tokenizer.train_bpe), a GPT-2 tokenizer directory, or None = the lm path when lm is a path,
+        else "byte".
     The defaults build a tiny random model with MAGMA's adapters, for tests and smoke runs.
     """
     lm: object = field(default_factory=tiny_lm_config)
@@ -70,7 +71,7 @@ class MagmaConfig:
     prefix_dropout: float = 0.1       # MAGMA: dropout 0.1 on the image prefix
     prefix_layernorm: bool = True     # MAGMA: LayerNorm on the image prefix
     freeze_vit: bool = False          # MAGMA trains the image encoder; this keeps it fixed instead
-    tokenizer: str | None = None
+    tokenizer: str | dict | None = None
 
     def __post_init__(self):
         # Accept the plain dicts a checkpoint's JSON holds.
@@ -118,8 +119,13 @@ def vit_from_spec(spec, image_size=None):
 
 
 def tokenizer_from_spec(spec):
-    """"byte" -> ByteTokenizer; anything else is a GPT-2 tokenizer directory."""
-    return ByteTokenizer() if spec == "byte" else Tokenizer.from_pretrained(spec)
+    """"byte" -> ByteTokenizer; {"merges": ...} -> the BPE tokenizer of that merge table; anything else
+    is a GPT-2 tokenizer directory."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if isinstance(spec, dict):
+        return Tokenizer.from_merges(spec["merges"])
+    return Tokenizer.from_pretrained(spec)
 
 
 def fingerprint(module):
@@ -173,8 +179,13 @@ class Magma(nn.Module):
         if isinstance(tokenizer, ByteTokenizer):
             config.tokenizer = "byte"
         elif tokenizer is not None and config.tokenizer == "byte":
-            raise ValueError("MagmaConfig.tokenizer says 'byte' but a BPE tokenizer was passed: set it to that "
-                             "tokenizer's directory, so that a saved checkpoint can rebuild it")
+            # A BPE tokenizer for a model built here (e.g. one train_bpe learned): record its merge
+            # table, which is all a saved checkpoint needs to rebuild it.
+            config.tokenizer = {"merges": [list(pair) for pair in tokenizer.merges]}
+            if tokenizer_from_spec(config.tokenizer).encoder != tokenizer.encoder:
+                raise ValueError("MagmaConfig.tokenizer says 'byte' but a BPE tokenizer with its own vocabulary "
+                                 "was passed: set it to that tokenizer's directory, so that a saved checkpoint "
+                                 "can rebuild it")
         self.config = config
 
         # The language model, frozen before anything is added to it (section 3: its weights never train).
@@ -192,7 +203,8 @@ class Magma(nn.Module):
 
         self.tokenizer = tokenizer if tokenizer is not None else tokenizer_from_spec(config.tokenizer)
         if self.tokenizer.vocab_size > self.lm.config.vocab_size:
-            raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} tokens but the LM's "
+            name = "learned BPE" if isinstance(config.tokenizer, dict) else repr(config.tokenizer)
+            raise ValueError(f"tokenizer {name} has {self.tokenizer.vocab_size} tokens but the LM's "
                              f"vocabulary has only {self.lm.config.vocab_size}")
 
         self.adapters = add_adapters(self.lm, config.adapters)  # trainable modules inside the frozen LM
@@ -495,7 +507,8 @@ def main(argv=None):
                         help="text (repeatable)")
     parser.add_argument("--lm", default=None, help="path of the base LM, if it moved since training")
     parser.add_argument("--vit", default=None, help="path of the base ViT, if it moved since training")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="stop after this many tokens, or at EOS (default: 100, or what the LM's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = off")
@@ -504,7 +517,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.items:
         parser.error("give at least one --image or --prompt")
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
     try:
         device = torch.device(args.device)
@@ -518,7 +531,13 @@ def main(argv=None):
         generator = None
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
-        text = model.generate([example], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        max_new_tokens = args.max_new_tokens
+        if max_new_tokens is None:
+            with torch.no_grad():
+                prompt_len = model.embed_batch([example])[0].shape[1]
+            limit = getattr(model.lm.config, "block_size", None) or prompt_len + 100
+            max_new_tokens = max(1, min(100, limit - prompt_len))
+        text = model.generate([example], max_new_tokens=max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, generator=generator)[0]
     except (OSError, ValueError, ImageError) as e:
         print(f"magma.py: error: {e}", file=sys.stderr)

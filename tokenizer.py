@@ -12,6 +12,8 @@ The story, top to bottom:
         encode(text, allowed_special=()) -> list[int]
         decode(ids, skip_special=False) -> str
         eos_id, vocab_size, special_tokens
+  6. `train_bpe`: where merge tables come from: learn one from a corpus (a tiny model's own, smaller
+     vocabulary, so its texts are a few tokens long instead of one token per byte).
 
 Special tokens. By default `encode` treats "<|endoftext|>" in the text as ordinary text (a user's
 caption that happens to contain it must not end a sequence), like tiktoken's `encode_ordinary`.
@@ -22,6 +24,7 @@ Pass allowed_special="all", or a set of names, to have those strings become thei
 """
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -207,7 +210,8 @@ class Tokenizer:
     def __init__(self, encoder, merges, special_tokens=None):
         # encoder: {"Ġworld": 995, ...}; merges: [("Ġ", "t"), ...], first = merged first (rank 0)
         self.encoder = dict(encoder)
-        self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        self.merges = [tuple(pair) for pair in merges]
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         if special_tokens is None:
             special_tokens = {EOT: self.encoder[EOT]} if EOT in self.encoder else {}
         self.special_tokens = dict(special_tokens)
@@ -242,6 +246,18 @@ class Tokenizer:
         if os.path.isfile(added_file):
             special_tokens.update(_read_json(added_file))
         return cls(encoder, merges, special_tokens)
+
+    @classmethod
+    def from_merges(cls, merges):
+        """The tokenizer a merge table alone defines (what train_bpe learns): ids 0-255 are the byte
+        symbols in byte order, then one id per new token in merge order, then <|endoftext|>."""
+        encoder = {BYTE_ENCODER[b]: b for b in range(256)}
+        for rank, (a, b) in enumerate(merges):
+            if a not in encoder or b not in encoder:
+                raise ValueError(f"merge #{rank} {a!r} + {b!r} uses a token no earlier merge made")
+            encoder.setdefault(a + b, len(encoder))
+        encoder[EOT] = len(encoder)
+        return cls(encoder, merges)
 
     def encode(self, text, allowed_special=()):
         """text -> token ids. Special tokens become their one id only if named in allowed_special
@@ -301,6 +317,40 @@ class ByteTokenizer:
             elif not skip_special:
                 out += EOT.encode("utf-8")
         return out.decode("utf-8", errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# 6. Learning a merge table (Sennrich et al., 2016, "Neural Machine Translation of Rare Words with
+# Subword Units", on GPT-2's byte symbols and pre-tokenizer)
+
+
+def train_bpe(texts, max_merges):
+    """Learn byte-level BPE from `texts`: start from single bytes; count every adjacent pair of symbols
+    inside the pre-tokenized words (weighted by how often each word occurs); make the most frequent
+    pair one new symbol; repeat until max_merges merges or no pair occurs twice. Ties go to the
+    larger pair, so the result depends on the texts only. Returns Tokenizer.from_merges(merges), which
+    encodes every training word into the pieces its last merge left."""
+    word_counts = collections.Counter(word for text in texts for word in pretokenize(text))
+    words = [([BYTE_ENCODER[b] for b in word.encode("utf-8")], n) for word, n in word_counts.items()]
+    merges = []
+    while len(merges) < max_merges:
+        pairs = collections.Counter()
+        for symbols, n in words:
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best, count = max(pairs.items(), key=lambda item: (item[1], item[0]))
+        if count < 2:
+            break
+        merges.append(best)
+        for symbols, _ in words:  # merge it in place, left to right, as bpe() will when encoding
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == best:
+                    symbols[i:i + 2] = [best[0] + best[1]]
+                i += 1
+    return Tokenizer.from_merges(merges)
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=8 train.py --preset=gpt2-clip --lm=gpt2/ --vit=ViT-B-16.pt --data=coco:...
 
 The default run is MAGMA's recipe in miniature, on the built-in synthetic scenes (data.ShapesDataset):
-  stage 1  pretrain a tiny GPT on the caption and answer texts alone: the "pretrained language model";
+  stage 1  pretrain a tiny GPT on the caption and answer texts alone: the "pretrained language model"
+           (its vocabulary: byte-level BPE merges learned from those texts, tokenizer.train_bpe);
   stage 2  freeze it, wrap it in magma.Magma, and train a tiny ViT, the image prefix and the adapters
            on image-text pairs (section 3 of the paper);
 then it prints greedy captions of held-out images beside the truth, draws them into samples.png, and
@@ -41,7 +42,7 @@ import data
 from adapters import AdapterConfig, adapter_parameters, adapter_report
 from gpt import GPT, GPTConfig
 from magma import Magma, MagmaConfig, read_magma_checkpoint
-from tokenizer import ByteTokenizer
+from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import ViTConfig
 
 
@@ -80,14 +81,18 @@ class TrainConfig:
     vit_width: int = opt(96, "tiny ViT: width")
     vit_layers: int = opt(2, "tiny ViT: layers")
     vit_heads: int = opt(4, "tiny ViT: attention heads")
-    tokenizer: str = opt("", "'' = byte tokenizer for a tiny LM, else the LM directory; or a tokenizer directory")
+    tokenizer: str = opt("", "'' = 'bpe' for the tiny LM, the LM's own for a pretrained one; 'bpe' (merges "
+                             "learned from the training texts), 'byte', or a GPT-2 tokenizer directory")
+    bpe_merges: int = opt(1000, "tiny LM, 'bpe': at most this many merges (learning stops when no pair "
+                                "occurs twice)")
     adapter_kind: str = opt("sequential", "sequential | parallel | scaled_parallel | lora")
-    adapter_places: str = opt("mlp", "where bottleneck adapters go: 'mlp' or 'mlp,attn'")
-    adapter_downsample: int = opt(4, "adapter bottleneck = LM width // this")
+    adapter_places: str = opt("mlp,attn", "where bottleneck adapters go: 'mlp' (MAGMA's released models) or "
+                                          "'mlp,attn'")
+    adapter_downsample: int = opt(2, "adapter bottleneck = LM width // this (MAGMA: 4 after the MLP)")
     prefix_dropout: float = opt(0.0, "dropout on the image prefix (MAGMA: 0.1)")
     freeze_vit: bool = opt(False, "keep the image encoder fixed (MAGMA trains it)")
     # stage 1: language model pretraining (tiny LM only)
-    lm_steps: int = opt(300, "stage 1 steps (0 = skip)")
+    lm_steps: int = opt(100, "stage 1 steps (0 = skip)")
     lm_batch_size: int = opt(16, "stage 1 batch size (rows of 256 tokens of packed text)")
     lm_lr: float = opt(3e-3, "stage 1 peak learning rate")
     # stage 2: MAGMA training
@@ -127,7 +132,7 @@ PRESETS = {
     "shapes": {},  # the defaults above
     "gpt2-clip": dict(  # MAGMA's recipe on public weights: give --lm, --vit and --data
         data="", lm="", vit="", image_size=0, max_len=128, lm_steps=0, steps=15000, batch_size=256,
-        lr=8e-4, vit_lr=2e-6, warmup_steps=500, prefix_dropout=0.1, adapter_downsample=4,
+        lr=8e-4, vit_lr=2e-6, warmup_steps=500, prefix_dropout=0.1, adapter_places="mlp", adapter_downsample=4,
         eval_every=1000, save_every=1000, eval_batches=20, num_workers=8, out_dir="out/gpt2-clip"),
 }
 
@@ -188,6 +193,9 @@ def check_config(cfg):
         bad("schedule", "choose cosine, linear or constant")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad("device", "choose auto, cpu or cuda")
+    if cfg.tokenizer in ("bpe", "byte") and cfg.lm != "tiny":
+        bad("tokenizer", "'bpe' and 'byte' are for the tiny LM; a pretrained LM comes with its own (leave "
+                         "--tokenizer empty) or give a tokenizer directory")
     if cfg.data == "shapes" and cfg.image_size < 8:
         bad("image_size", "the shapes data needs images of at least 8 pixels")
 
@@ -271,6 +279,32 @@ def make_datasets(cfg):
             data.ImageTextDataset(pick(True), cfg.strict, train.name + " (held out)"))
 
 
+def text_of(dataset, idx):
+    """The text of item idx, without reading its image."""
+    if isinstance(dataset, data.ShapesDataset):
+        return dataset.text(idx)
+    return dataset.records[idx][1]
+
+
+BPE_TEXTS = 20000  # texts a tiny LM's merge table is learned from: enough to see every word many times
+
+
+def make_tokenizer(cfg, train_set, logger):
+    """The tokenizer instance for a tiny LM (None for a pretrained LM: Magma loads the LM's own)."""
+    kind = cfg.tokenizer or ("bpe" if cfg.lm == "tiny" else "")
+    if cfg.lm != "tiny":
+        return Tokenizer.from_pretrained(kind) if kind else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        texts = [text_of(train_set, i) for i in range(min(len(train_set), BPE_TEXTS))]
+        tokenizer = train_bpe(texts, cfg.bpe_merges)
+        logger.print(f"tokenizer: byte-level BPE, {len(tokenizer.merges)} merges learned from {len(texts)} "
+                     f"training texts, vocabulary {tokenizer.vocab_size}")
+        return tokenizer
+    return Tokenizer.from_pretrained(kind)
+
+
 class PackedTexts(torch.utils.data.Dataset):
     """Stage 1's training data: the texts of an image-text dataset, without its images, packed as
     GPT-2 was pretrained: "text eos text eos ..." cut into rows of `length` tokens. Row idx starts at
@@ -284,9 +318,7 @@ class PackedTexts(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def text(self, idx):
-        if isinstance(self.dataset, data.ShapesDataset):
-            return self.dataset.text(idx)
-        return self.dataset.records[idx][1]
+        return text_of(self.dataset, idx)
 
     def __getitem__(self, idx):
         eos = self.tokenizer.eos_id
@@ -343,8 +375,9 @@ def tiny_lm_config(cfg, tokenizer):
                      n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
 
 
-STAGE1_FIELDS = ("data", "train_size", "qa_fraction", "max_objects", "seed", "lm_type", "lm_layers", "lm_embd",
-                 "lm_heads", "lm_steps", "lm_batch_size", "lm_lr", "image_size", "vit_patch", "max_len")
+STAGE1_FIELDS = ("data", "train_size", "qa_fraction", "max_objects", "seed", "tokenizer", "bpe_merges",
+                 "lm_type", "lm_layers", "lm_embd", "lm_heads", "lm_steps", "lm_batch_size",
+                 "lm_lr", "image_size", "vit_patch", "max_len")
 
 
 def magma_config(cfg, lm):
@@ -359,7 +392,7 @@ def magma_config(cfg, lm):
     image_size = None if cfg.vit == "tiny" or not cfg.image_size else cfg.image_size  # None: the ViT's own
     return MagmaConfig(lm=lm.config if lm is not None else cfg.lm, vit=vit, image_size=image_size,
                        adapters=adapters, prefix_dropout=cfg.prefix_dropout, freeze_vit=cfg.freeze_vit,
-                       tokenizer=cfg.tokenizer or None)
+                       tokenizer=None if cfg.tokenizer in ("", "bpe", "byte") else cfg.tokenizer)
 
 
 def freeze_unused(model):
@@ -421,15 +454,19 @@ def lr_factor(step, total, warmup, schedule, min_ratio):
 # ----------------------------------------------------------------------------------------------------
 # Throughput figures for the progress bar (GPU only): tokens/s, MFU against the bf16 dense peak.
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; first key found in torch.cuda.get_device_name()
+    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989, "GH200": 989,
+    "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
+    "RTX 4090": 165, "RTX 3090": 71,
+}
 
 
-def peak_flops(device):
+def peak_tflops(device):
+    """Dense bf16 peak of this GPU in TFLOP/s (PEAK_BF16_TFLOPS), or None on a CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def flops_per_sample(model, text_len):
@@ -562,7 +599,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     if cfg.compile:
         module = torch.compile(module)
     stream = batches(dataset, collate_fn, micro, dist, cfg, start=start_step * cfg.grad_accum)
-    peak = peak_flops(dist.device)
+    peak = peak_tflops(dist.device)
     skipped = resume_state.get("skipped", 0) if resume_state else 0
     bar = tqdm(total=steps, initial=start_step, desc=stage, disable=not (dist.main and cfg.progress),
                dynamic_ncols=True, leave=True)
@@ -614,7 +651,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
             record["tokens_per_s"] = round(dist.all_sum(n_local) / elapsed, 1)
             record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 2)
             if peak:
-                record["mfu"] = round(flops_per_sample(model, seq) * samples_s / (peak * dist.world), 4)
+                record["mfu"] = round(flops_per_sample(model, seq) * samples_s / (peak * 1e12 * dist.world), 4)
         bar.update(1)
         bar.set_postfix({k: record[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb")
                          if k in record}, refresh=False)
@@ -782,7 +819,7 @@ def main(argv=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights
     train_set, val_set = make_datasets(cfg)
-    tokenizer = ByteTokenizer() if cfg.lm == "tiny" and not cfg.tokenizer else None
+    tokenizer = make_tokenizer(cfg, train_set, logger) if resume is None else None
     t_start = time.perf_counter()
 
     # Stage 1: the "pretrained" language model (tiny LM only), then stage 2 around it.
@@ -855,7 +892,7 @@ def main(argv=None):
         record = final_report(model, val_set, collate_fn, cfg, dist, logger, step)
         minutes = (time.perf_counter() - t_start) / 60
         print(f"checkpoint: {ckpt_path} ({minutes:.1f} min); caption an image with\n"
-              f"  python magma.py --checkpoint {ckpt_path} --image IMAGE.png --temperature 0 --max-new-tokens 100")
+              f"  python magma.py --checkpoint {ckpt_path} --image IMAGE.png --temperature 0")
     dist.barrier()
     if dist.world > 1:
         torch_dist.destroy_process_group()

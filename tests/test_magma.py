@@ -15,7 +15,7 @@ from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, GPTConfig, sample_next
 from magma import ImagePrefix, Magma, MagmaConfig, main
-from tokenizer import ByteTokenizer, Tokenizer
+from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import OPENAI_NAMES, ViTConfig, rename
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,6 +299,21 @@ def test_save_load_self_contained(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["includes"]["lm"] and "lm.transformer.h.0.attn.c_attn.weight" in saved["state_dict"]
     same_outputs(model, Magma.load(str(path)))
+
+
+def test_save_load_with_a_learned_tokenizer(tmp_path):
+    """A tiny LM's own BPE (tokenizer.train_bpe) travels in the checkpoint as its merge table."""
+    tok = train_bpe(["a red circle", "a blue square", "a red square"] * 3, max_merges=50)
+    torch.manual_seed(0)
+    model = Magma(MagmaConfig(lm=GPTConfig(**dict(LM, vocab_size=tok.vocab_size)), vit=ViTConfig(**VIT)),
+                  tokenizer=tok)
+    assert model.config.tokenizer == {"merges": [list(p) for p in tok.merges]}
+    model.save(str(tmp_path / "ckpt.pt"))
+    loaded = Magma.load(str(tmp_path / "ckpt.pt"))
+    assert isinstance(loaded.tokenizer, Tokenizer) and loaded.tokenizer.encoder == tok.encoder
+    same_outputs(model, loaded)
+    example = [[pixels(1)[0], "a red"]]
+    assert loaded.generate(example, 5, temperature=0) == model.generate(example, 5, temperature=0)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from tokenizer import (
     bpe,
     char_class,
     pretokenize,
+    train_bpe,
     unicode_ranges,
 )
 
@@ -325,6 +326,32 @@ def test_byte_tokenizer():
     assert bt.decode([0xF0, 0x9F]) == "\ufffd"  # a cut character
     with pytest.raises(ValueError, match="257"):
         bt.decode([257])
+
+
+def test_train_bpe_by_hand():
+    """Pair counts worked out by hand on 'hug hug hug pug pug bun' (words: hug, Ġhug x2, Ġpug x2, Ġbun):
+    (u,g) 5 -> (h,ug) 3 -> then four pairs of count 2, taken largest first -> stop at count 1."""
+    t = train_bpe(["hug hug hug pug pug bun"], max_merges=100)
+    assert t.merges == [("u", "g"), ("h", "ug"), ("Ġ", "p"), ("Ġp", "ug"), ("Ġ", "hug")]
+    assert t.vocab_size == 256 + 5 + 1 and t.eos_id == 261
+    assert t.encode("hug pug bun") == [257, 259, 32, ord("b"), ord("u"), ord("n")]
+    assert [t.decode([i]) for i in t.encode(" hug")] == [" hug"]
+    assert train_bpe(["hug hug hug pug pug bun"], max_merges=2).merges == t.merges[:2]
+    assert train_bpe([""], max_merges=10).merges == [] and train_bpe(["ab"], 10).vocab_size == 257
+
+
+def test_train_bpe_round_trips_and_shortens_its_corpus():
+    corpus = random_texts(seed=5, count=200, assigned_only=False) + ["a small red circle in the top left"] * 50
+    t = train_bpe(corpus, max_merges=300)
+    assert 0 < len(t.merges) <= 300 and len(set(t.merges)) == len(t.merges)
+    for text in corpus[:200] + list(CASES.values()):  # seen and unseen text, any Unicode
+        assert t.decode(t.encode(text)) == text
+    assert len(t.encode("a small red circle in the top left")) == 8  # every frequent word is one token
+    assert t.encode("a<|endoftext|>", allowed_special="all")[-1] == t.eos_id == t.vocab_size - 1
+    # A merge table is all it takes to rebuild the tokenizer, as a checkpoint does.
+    assert Tokenizer.from_merges([list(p) for p in t.merges]).encoder == t.encoder
+    with pytest.raises(ValueError, match="merge #0"):
+        Tokenizer.from_merges([("ab", "c")])
 
 
 def test_same_interface(tok):
