@@ -76,6 +76,8 @@ def test_hf_clip_model_parity(hf_clip, fmt):
         out = ref.get_image_features(pixel_values=pixels)
         want_embed = out if isinstance(out, torch.Tensor) else out.pooler_output
     assert hidden.shape == (2, 1 + 16, 32) and embed.shape == (2, 16)
+    print(f"hf-clip-{fmt}: max abs diff hidden {max_diff(hidden, want_hidden):.2e}, "
+          f"image features {max_diff(embed, want_embed):.2e}")
     assert max_diff(hidden, want_hidden) <= TOL
     assert max_diff(embed, want_embed) <= TOL
 
@@ -154,6 +156,8 @@ def test_openai_parity(openai_clip, fmt):
         want_embed = ref.encode_image(pixels)
         embed, hidden = ours.encode_image(pixels), ours(pixels)
     hook.remove()
+    print(f"openai-clip-{fmt}: max abs diff hidden {max_diff(hidden, captured['h']):.2e}, "
+          f"image features {max_diff(embed, want_embed):.2e}")
     assert max_diff(embed, want_embed) <= TOL
     assert max_diff(hidden, captured["h"]) <= TOL
 
