@@ -517,7 +517,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.items:
         parser.error("give at least one --image or --prompt")
-    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    bad_length = args.max_new_tokens is not None and args.max_new_tokens < 1
+    if bad_length or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
     try:
         device = torch.device(args.device)

@@ -317,17 +317,14 @@ class PackedTexts(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def text(self, idx):
-        return text_of(self.dataset, idx)
-
     def __getitem__(self, idx):
         eos = self.tokenizer.eos_id
-        ids = self.tokenizer.encode(self.text(idx)) + [eos]
+        ids = self.tokenizer.encode(text_of(self.dataset, idx)) + [eos]
         ids = ids[random.Random(f"pack/{self.seed}/{idx}").randrange(len(ids)):]  # start part-way in
         j = idx
         while len(ids) < self.length:
             j = (j + 1) % len(self.dataset)
-            ids += self.tokenizer.encode(self.text(j)) + [eos]
+            ids += self.tokenizer.encode(text_of(self.dataset, j)) + [eos]
         return {"input_ids": torch.tensor(ids[:self.length]), "skipped": []}
 
 
