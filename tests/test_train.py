@@ -59,6 +59,8 @@ def test_presets_and_overrides():
         train.parse_config(["--preset=gpt2-clip", "--data=x.jsonl", "--vit=clip.pt"])
     with pytest.raises(SystemExit, match="precision"):
         train.parse_config(["--precision=fp8"])
+    with pytest.raises(SystemExit, match="tokenizer.*tiny LM"):
+        train.parse_config(["--lm=gpt2/", "--tokenizer=bpe"])
     with pytest.raises(SystemExit):
         train.parse_config(["--no_such_flag=1"])
 
