@@ -4,6 +4,7 @@ Every run here is a real `train.main([...])` (or `torchrun ... train.py`) on tin
 a tmp_path; the figures they compare come from the run's log.jsonl and ckpt.pt.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,3 +198,37 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_the_run(tmp_path, cap
     assert "missing.png" in caplog.text and "corrupt.jpg" in caplog.text
     with pytest.raises(data.ImageError, match=r"missing\.png|corrupt\.jpg"):
         train.main(args(tmp_path / "strict", data=path, steps=4, batch_size=4, strict=True))
+
+
+def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
+    """The gpt2-clip path on tiny stand-ins of its inputs: a Hugging Face GPT-2 directory with its
+    tokenizer files, an OpenAI CLIP state dict and a JSON Lines dataset. The LM stays as loaded, the
+    checkpoint holds no LM weights, and magma.py captions an image with it."""
+    from test_magma import write_hf_gpt2, write_openai_vit
+    from tokenizer import Tokenizer
+    lm_dir = write_hf_gpt2(tmp_path / "gpt2", seed=0)  # vocab 257: the 256 byte symbols + <|endoftext|>
+    tok = Tokenizer.from_merges([])
+    with open(os.path.join(lm_dir, "vocab.json"), "w") as f:
+        json.dump(tok.encoder, f)
+    with open(os.path.join(lm_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    vit_path = write_openai_vit(tmp_path / "ViT-tiny.pt", seed=1)
+    rows = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)] * 2):
+        Image.new("RGB", (20 + i, 16), colour).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": ["red", "green", "blue", "yellow"][i % 4]})
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    train.main(["--preset=gpt2-clip", f"--lm={lm_dir}", f"--vit={vit_path}", f"--data={tmp_path / 'data.jsonl'}",
+                f"--out_dir={out}", "--steps=3", "--batch_size=4", "--warmup_steps=1", "--num_workers=0",
+                "--eval_images=2", "--log_every=1", "--progress=false", "--precision=fp32"])
+    records = log(out)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    saved = state(out)
+    assert saved["includes"] == {"lm": False, "vit": True}  # the frozen LM is not saved; the trained ViT is
+    assert all(".adapter." in k for k in saved["state_dict"] if k.startswith("lm."))
+    capsys.readouterr()
+    caption = magma.main(["--checkpoint", str(out / "ckpt.pt"), "--image", str(tmp_path / "0.png"),
+                          "--temperature", "0", "--max-new-tokens", "5"])
+    assert isinstance(caption, str)
