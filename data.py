@@ -41,9 +41,10 @@ def to_rgb(image):
     """Convert a PIL image of any mode to 8-bit RGB.
 
     Transparent images (RGBA, LA, PA, P with transparency) are composited over white, since the colour
-    hidden under a transparent pixel is arbitrary. 16-bit and 32-bit integer images are rescaled to
-    8 bits (a 16-bit value v becomes round(v / 257)) instead of being clipped at 255 as PIL's own
-    convert would; "I" images whose values all fit in 8 bits are taken as 8-bit. Float ("F") images
+    hidden under a transparent pixel is arbitrary. 16-bit integer images are rescaled to 8 bits (a
+    value v becomes round(v / 257)) instead of being clipped at 255 as PIL's own convert would; 32-bit
+    "I" images are read the same way, as 16-bit data (values above 65535 saturate), and taken as 8-bit
+    when all their values fit in 8 bits. Float ("F") images
     are taken as [0, 1] when their maximum is at most 1, else as [0, 255].
     """
     mode = image.mode
@@ -163,19 +164,21 @@ def scene_caption(scene):
     return " and ".join(describe(o) for o in scene)
 
 
+def parse_object(text):
+    """Invert describe: "a small red circle in the top left" -> ShapeObject, or None if it is not one."""
+    words = text.split(" ")
+    if len(words) < 7 or words[0] != "a" or words[4:6] != ["in", "the"]:
+        return None
+    obj = ShapeObject(words[1], words[2], words[3], " ".join(words[6:]))
+    if obj.size not in SIZES or obj.colour not in COLOURS or obj.shape not in SHAPES or obj.position not in POSITIONS:
+        return None
+    return obj
+
+
 def parse_caption(text):
     """Invert scene_caption: the tuple of objects a caption describes, or None if it is not one."""
-    objects = []
-    for part in text.strip().split(" and "):
-        words = part.split(" ")
-        if len(words) < 7 or words[0] != "a" or words[4:6] != ["in", "the"]:
-            return None
-        obj = ShapeObject(words[1], words[2], words[3], " ".join(words[6:]))
-        if obj.size not in SIZES or obj.colour not in COLOURS or obj.shape not in SHAPES \
-                or obj.position not in POSITIONS:
-            return None
-        objects.append(obj)
-    return tuple(objects)
+    objects = tuple(parse_object(part) for part in text.strip().split(" and "))
+    return None if None in objects else objects
 
 
 def scene_questions(scene):
@@ -268,6 +271,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
         if not 1 <= max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {max_objects}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self.qa_fraction, self.max_objects, self.val_fraction = qa_fraction, max_objects, val_fraction
 
@@ -315,13 +320,15 @@ def caption_scores(predictions, scenes):
     object counts as wrong in every attribute. Returns {"exact", "count", "size", "colour", "shape",
     "position"}, each a fraction in [0, 1].
     """
+    if len(predictions) != len(scenes):
+        raise ValueError(f"caption_scores: {len(predictions)} predictions for {len(scenes)} scenes")
     n = len(scenes)
     exact = sum(p.strip() == scene_caption(s) for p, s in zip(predictions, scenes))
     count = 0
     attr = {a: 0 for a in ATTRIBUTES}
     slots = sum(len(s) for s in scenes)
     for p, s in zip(predictions, scenes):
-        parsed = parse_caption(p) or ()
+        parsed = [parse_object(part) for part in p.strip().split(" and ")]  # None: an unparsable object
         count += len(parsed) == len(s)
         for i, truth in enumerate(s):
             guess = parsed[i] if i < len(parsed) else None
@@ -334,6 +341,8 @@ def caption_scores(predictions, scenes):
 
 def answer_scores(predictions, answers, kinds):
     """Exact match of predicted answers, overall and per question kind."""
+    if not len(predictions) == len(answers) == len(kinds):
+        raise ValueError(f"answer_scores: {len(predictions)} predictions, {len(answers)} answers, {len(kinds)} kinds")
     right = {}
     total = {}
     for p, a, k in zip(predictions, answers, kinds):
@@ -357,23 +366,33 @@ class ImageTextDataset(torch.utils.data.Dataset):
             raise ValueError(f"{name}: no image-text records found")
         self.records, self.strict, self.name = records, strict, name
         self.num_skipped = 0  # counted in this process; train.py counts the batches' "skipped" lists
+        self.unreadable = set()  # record indices known bad in this process: warned about once
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, idx):
-        skipped = []
-        for attempt in range(len(self.records)):
-            path, text = self.records[(idx + attempt) % len(self.records)]
-            try:
-                return {"image": load_image(path), "caption": text, "skipped": skipped}
-            except ImageError as e:
-                if self.strict:
-                    raise
-                self.num_skipped += 1
-                skipped.append(path)
-                logger.warning("skipping %s", e)
-        raise ImageError(f"{self.name}: none of its {len(self.records)} images could be read")
+        """Record idx; if its image cannot be read, the first readable one of a sequence of records
+        drawn at random (seeded by idx, so the same every time and in every process), spread over
+        the whole dataset rather than piling onto the neighbours of a bad stretch."""
+        if not 0 <= idx < len(self.records):
+            raise IndexError(f"index {idx} out of range for {self.name} ({len(self.records)} records)")
+        skipped, draw, candidate = [], random.Random(f"stand-in/{idx}"), idx
+        for _ in range(max(100, 2 * len(self.records))):
+            path, text = self.records[candidate]
+            if candidate not in self.unreadable:
+                try:
+                    return {"image": load_image(path), "caption": text, "skipped": skipped}
+                except ImageError as e:
+                    if self.strict:
+                        raise
+                    self.unreadable.add(candidate)
+                    logger.warning("skipping %s", e)
+            self.num_skipped += 1
+            skipped.append(path)
+            candidate = draw.randrange(len(self.records))
+        raise ImageError(f"{self.name}: no readable image found among {len(self.unreadable)} tried "
+                         f"(first: {self.records[min(self.unreadable)][0]}); is the image folder right?")
 
 
 def _read_json(path, what):
@@ -384,6 +403,17 @@ def _read_json(path, what):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _image_path(value, where):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: the image must be a path string, got {value!r}")
+    return value
+
+
+def _check_folder(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"image folder not found: {path}")
 
 
 def _captions(value, where):
@@ -400,18 +430,23 @@ def jsonl_dataset(path, image_root=None, strict=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSON Lines file not found: {path}")
     root = image_root or os.path.dirname(os.path.abspath(path))
+    _check_folder(root)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                image, caption = row["image"], row["caption"]
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise ValueError(f"{path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e!r})") from None
-            for c in _captions(caption, f"{path}:{n}"):
-                records.append((os.path.join(root, image), c))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, caption = row["image"], row["caption"]
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e!r})") from None
+        for c in _captions(caption, f"{path}:{n}"):
+            records.append((os.path.join(root, _image_path(image, f"{path}:{n}")), c))
     return ImageTextDataset(records, strict, name=path)
 
 
@@ -419,12 +454,21 @@ def coco_captions(annotations, image_dir, strict=False):
     """COCO captions: annotations JSON ({"images": [{id, file_name}], "annotations": [{image_id,
     caption}]}) plus the folder of images."""
     data = _read_json(annotations, "COCO annotations file")
+    _check_folder(image_dir)
     try:
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-        records = [(os.path.join(image_dir, files[a["image_id"]]), a["caption"].strip())
-                   for a in data["annotations"]]
-    except (KeyError, TypeError) as e:
+        files = {im["id"]: _image_path(im["file_name"], annotations) for im in data["images"]}
+        records = []
+        for i, a in enumerate(data["annotations"]):
+            if a["image_id"] not in files:
+                raise ValueError(f"{annotations}: annotation #{i} refers to image_id {a['image_id']!r}, "
+                                 f"which is not in its \"images\" list")
+            if not isinstance(a["caption"], str):
+                raise ValueError(f"{annotations}: annotation #{i}: the caption must be a string, got {a['caption']!r}")
+            records.append((os.path.join(image_dir, files[a["image_id"]]), a["caption"].strip()))
+    except KeyError as e:
         raise ValueError(f"{annotations}: not a COCO captions file (missing {e})") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{annotations}: not a COCO captions file ({e})") from None
     return ImageTextDataset(records, strict, name=annotations)
 
 
@@ -434,18 +478,25 @@ def vqa_dataset(questions, annotations, image_dir, strict=False):
     naming) or <12-digit id>.jpg."""
     qs = _read_json(questions, "VQA questions file")
     ans = _read_json(annotations, "VQA annotations file")
+    _check_folder(image_dir)
     try:
         answer = {a["question_id"]: a["multiple_choice_answer"] for a in ans["annotations"]}
         subtype = qs.get("data_subtype", "")
         records = []
         for q in qs["questions"]:
-            name = f"COCO_{subtype}_{q['image_id']:012d}.jpg"
+            if q["question_id"] not in answer:
+                raise ValueError(f"{questions}: question_id {q['question_id']!r} has no annotation in {annotations} "
+                                 "(are they the same split?)")
+            image_id = int(q["image_id"])
+            name = f"COCO_{subtype}_{image_id:012d}.jpg"
             if not os.path.isfile(os.path.join(image_dir, name)):
-                name = f"{q['image_id']:012d}.jpg"
+                name = f"{image_id:012d}.jpg"
             records.append((os.path.join(image_dir, name), qa_text(q["question"].strip(), answer[q["question_id"]])))
-    except (KeyError, TypeError, AttributeError) as e:
+    except KeyError as e:
         raise ValueError(f"{questions} / {annotations}: not a VQA v2 questions/annotations pair "
                          f"(missing {e})") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{questions} / {annotations}: not a VQA v2 questions/annotations pair ({e})") from None
     return ImageTextDataset(records, strict, name=questions)
 
 
@@ -455,14 +506,15 @@ def magma_dataset(data_dir, strict=False):
     index_dir = os.path.join(data_dir, "image_data")
     if not os.path.isdir(index_dir):
         raise FileNotFoundError(f"{data_dir}: no image_data/ folder (MAGMA dataset layout)")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(index_dir) for f in fs if f.endswith(".json"))
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(index_dir, followlinks=True)
+                   for f in fs if f.endswith(".json"))
     records = []
     for file in files:
         item = _read_json(file, "MAGMA image data file")
         if not isinstance(item, dict) or "image_path" not in item or "captions" not in item:
             raise ValueError(f"{file}: expected {{\"image_path\": ..., \"captions\": [...]}}")
         for c in _captions(item["captions"], file):
-            records.append((os.path.join(data_dir, item["image_path"]), c))
+            records.append((os.path.join(data_dir, _image_path(item["image_path"], file)), c))
     return ImageTextDataset(records, strict, name=data_dir)
 
 
@@ -515,6 +567,8 @@ def collate(batch, tokenizer, image_size, max_len=None):
     for item in batch:
         tokens = tokenizer.encode(item["caption"])
         if max_len is not None:
+            if max_len < 1:
+                raise ValueError(f"collate: max_len must be >= 1, got {max_len}")
             tokens = tokens[:max_len - 1]
         ids.append(tokens + [tokenizer.eos_id])
     T = max(len(t) for t in ids)

@@ -354,6 +354,60 @@ def test_jsonl_coco_vqa_magma(tmp_path):
         data.open_dataset(f"{root}/bad.jsonl")
 
 
+def test_malformed_files_and_arguments_name_the_problem(tmp_path):
+    root = str(tmp_path)
+    _write_image(f"{root}/img/a.png")
+
+    def fails(exc, match, spec):
+        with pytest.raises(exc, match=match):
+            data.open_dataset(spec)
+
+    with open(f"{root}/num.jsonl", "w") as f:
+        f.write(json.dumps({"image": 5, "caption": "x"}) + "\n")
+    fails(ValueError, r"num.jsonl:1: the image must be a path string", f"{root}/num.jsonl")
+    with open(f"{root}/latin1.jsonl", "wb") as f:
+        f.write('{"image": "a.png", "caption": "caf\u00e9"}\n'.encode("latin-1"))
+    fails(ValueError, "latin1.jsonl: not UTF-8", f"{root}/latin1.jsonl")
+
+    coco = {"images": [{"id": 7, "file_name": "a.png"}], "annotations": [{"image_id": 8, "caption": "x"}]}
+    json.dump(coco, open(f"{root}/coco.json", "w"))
+    fails(ValueError, "annotation #0 refers to image_id 8", f"coco:{root}/coco.json,{root}/img")
+    fails(FileNotFoundError, "image folder not found", f"coco:{root}/coco.json,{root}/no_such_dir")
+    coco["annotations"] = [{"image_id": 7, "caption": None}]
+    json.dump(coco, open(f"{root}/coco.json", "w"))
+    fails(ValueError, "annotation #0: the caption must be a string", f"coco:{root}/coco.json,{root}/img")
+
+    json.dump({"questions": [{"image_id": 1, "question": "Q?", "question_id": 3}]}, open(f"{root}/q.json", "w"))
+    json.dump({"annotations": [{"question_id": 4, "multiple_choice_answer": "y"}]}, open(f"{root}/a.json", "w"))
+    fails(ValueError, "question_id 3 has no annotation", f"vqa:{root}/q.json,{root}/a.json,{root}/img")
+
+    # MAGMA's layout with a symlinked shard folder, as its own glob would find it
+    os.makedirs(f"{root}/shard/0")
+    json.dump({"image_path": "img/a.png", "captions": ["linked"]}, open(f"{root}/shard/0/0.json", "w"))
+    os.makedirs(f"{root}/magma/image_data")
+    os.symlink(f"{root}/shard/0", f"{root}/magma/image_data/0")
+    os.symlink(f"{root}/img", f"{root}/magma/img")
+    assert data.open_dataset(f"{root}/magma")[0]["caption"] == "linked"
+
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="val_fraction"):
+            data.ShapesDataset("val", 4, val_fraction=bad)
+    with pytest.raises(ValueError, match="max_len"):
+        data.collate([{"image": Image.new("RGB", (8, 8)), "caption": "ab"}], ByteTok(), 8, max_len=0)
+
+
+def test_caption_scores_judge_each_object():
+    scene = (data.ShapeObject("small", "red", "circle", "top left"),
+             data.ShapeObject("large", "blue", "star", "bottom right"))
+    one_bad = "a small red circle in the top left and a large blue blob in the bottom right"
+    scores = data.caption_scores([one_bad], [scene])
+    assert scores["exact"] == 0 and scores["count"] == 1
+    # the first object is judged on its own; the unparsable second one is wrong in every attribute
+    assert [scores[a] for a in ("size", "colour", "shape", "position")] == [0.5, 0.5, 0.5, 0.5]
+    assert data.parse_caption(one_bad) is None  # the caption as a whole is still not one
+    with pytest.raises(ValueError, match="1 predictions for 2 scenes"):
+        data.caption_scores([one_bad], [scene, scene])
+
 def _broken_dataset(root, strict=False):
     _write_image(f"{root}/ok1.png")
     _write_image(f"{root}/ok2.png")
@@ -377,17 +431,28 @@ def test_missing_and_corrupt_images_are_skipped_counted_logged(tmp_path, caplog)
     ds = _broken_dataset(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="magma.data"):
         items = [ds[i] for i in range(len(ds))]
-    assert [it["caption"] for it in items] == ["first", "second", "second", "second", "second"]
-    assert ds.num_skipped == 6  # idx 1 skips 3 files, idx 2 skips 2, idx 3 skips 1
-    assert [os.path.basename(p) for p in items[1]["skipped"]] == ["missing.png", "corrupt.png", "truncated.jpg"]
-    for name in ("missing.png", "corrupt.png", "truncated.jpg"):
-        assert name in caplog.text
+        again = [ds[i] for i in range(len(ds))]  # the bad files are known now: no second warning
+    warnings = caplog.text
+    captions = [it["caption"] for it in items]
+    assert captions[0] == "first" and captions[4] == "second" and set(captions[1:4]) <= {"first", "second"}
+    # A stand-in is drawn by idx alone: the same in a fresh process (a fresh dataset object) and on every pass.
+    assert [it["caption"] for it in again] == captions
+    assert [_broken_dataset(str(tmp_path))[i]["caption"] for i in range(len(ds))] == captions
+    for idx, name in [(1, "missing.png"), (2, "corrupt.png"), (3, "truncated.jpg")]:
+        assert os.path.basename(items[idx]["skipped"][0]) == name  # its own file first
+        assert {os.path.basename(p) for p in items[idx]["skipped"]} <= {"missing.png", "corrupt.png", "truncated.jpg"}
+        # warned once per process, however often it is drawn
+        assert sum("/" + name in line for line in warnings.splitlines()) == 1
+    assert items[0]["skipped"] == [] and items[4]["skipped"] == []
+    assert ds.num_skipped == 2 * sum(len(it["skipped"]) for it in items)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
     # batches carry the skipped paths, also out of DataLoader worker processes
     tok = ByteTok()
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1,
                                          collate_fn=lambda b: data.collate(b, tok, 8))
     batch = next(iter(loader))
-    assert len(batch["skipped"]) == 6 and batch["pixels"].shape == (5, 3, 8, 8)
+    assert len(batch["skipped"]) == sum(len(it["skipped"]) for it in items) and batch["pixels"].shape == (5, 3, 8, 8)
 
 
 def test_strict_stops_with_the_path(tmp_path):
