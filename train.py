@@ -43,6 +43,7 @@ from adapters import AdapterConfig, adapter_parameters, adapter_report
 from gpt import GPT, GPTConfig
 from magma import Magma, MagmaConfig, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
+from vit import PRESETS as VIT_PRESETS
 from vit import ViTConfig
 
 
@@ -123,6 +124,7 @@ class TrainConfig:
     save_every: int = opt(1000, "write the checkpoint every N stage-2 steps (0 = only at the end)")
     out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here")
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its checkpoint is replaced)")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
                              "as a time-limited job would; --resume continues")
     progress: bool = opt(True, "show a progress bar")
@@ -135,6 +137,11 @@ PRESETS = {
         lr=8e-4, vit_lr=2e-6, warmup_steps=500, prefix_dropout=0.1, adapter_places="mlp", adapter_downsample=4,
         eval_every=1000, save_every=1000, eval_batches=20, num_workers=8, out_dir="out/gpt2-clip"),
 }
+
+
+# Settings the optimizer and schedule state in a checkpoint carry: --resume refuses to change them.
+RESUME_FIXED = ("lr", "vit_lr", "weight_decay", "beta1", "beta2", "warmup_steps", "schedule", "min_lr_ratio",
+                "batch_size", "grad_accum", "seed")
 
 
 def _parse_bool(text):
@@ -184,9 +191,14 @@ def check_config(cfg):
         bad("lm", "give 'tiny' or a Hugging Face GPT directory")
     if not cfg.vit:
         bad("vit", "give 'tiny', a CLIP preset name or a CLIP checkpoint path")
-    for name in ("steps", "batch_size", "grad_accum", "max_len"):
+    for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every", "eval_batches", "bpe_merges",
+                 "lm_batch_size", "lm_layers", "lm_embd", "lm_heads", "vit_patch", "vit_width", "vit_layers",
+                 "vit_heads", "train_size", "val_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
+    for name in ("lm_steps", "eval_every", "save_every", "eval_images", "stop_after", "warmup_steps", "num_workers"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be >= 0")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         bad("precision", "choose auto, fp32, bf16 or fp16")
     if cfg.schedule not in ("cosine", "linear", "constant"):
@@ -198,6 +210,8 @@ def check_config(cfg):
                          "--tokenizer empty) or give a tokenizer directory")
     if cfg.data == "shapes" and cfg.image_size < 8:
         bad("image_size", "the shapes data needs images of at least 8 pixels")
+    if cfg.vit == "tiny" and cfg.image_size < cfg.vit_patch:
+        bad("image_size", f"the tiny ViT needs images of at least one patch (--vit_patch={cfg.vit_patch})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,7 +347,7 @@ def collate_rows(batch):
     return {"input_ids": input_ids, "text_mask": torch.ones_like(input_ids, dtype=torch.bool), "skipped": []}
 
 
-def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0):
+def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0, batch_flag="batch_size"):
     """Micro-batches forever, as a pure function of (seed, rank, position): position `start` (counted
     in micro-batches) resumes exactly where a run stopped. Each epoch is one DistributedSampler pass
     (a shuffled shard per process); the ragged tail of an epoch is dropped."""
@@ -342,7 +356,7 @@ def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0):
     per_epoch = len(sampler) // micro_batch
     if per_epoch == 0:
         raise SystemExit(f"train.py: error: the dataset ({len(dataset)} items) is smaller than one micro-batch "
-                         f"({micro_batch} per process); lower --batch_size")
+                         f"({micro_batch} per process); lower --{batch_flag}")
     epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -364,15 +378,25 @@ def to_device(batch, device):
 # Models
 
 
+def image_tokens(cfg):
+    """How many image-prefix tokens the run's ViT gives (an upper bound for a checkpoint not yet read)."""
+    if cfg.vit == "tiny":
+        return (cfg.image_size // cfg.vit_patch) ** 2 + 1
+    vit = VIT_PRESETS.get(cfg.vit)
+    if vit is None:
+        return 577 if not cfg.image_size else (cfg.image_size // 14) ** 2 + 1  # ViT-L/14@336 is the largest
+    return ((cfg.image_size or vit.image_size) // vit.patch_size) ** 2 + 1
+
+
 def tiny_lm_config(cfg, tokenizer):
     """The tiny GPT of stage 1: rows of 256 packed tokens, and room for image prefix + caption."""
-    prefix = 0 if cfg.vit != "tiny" else (cfg.image_size // cfg.vit_patch) ** 2 + 1
+    prefix = image_tokens(cfg)
     return GPTConfig(model_type=cfg.lm_type, vocab_size=tokenizer.vocab_size,
                      block_size=max(256, prefix + cfg.max_len + 8),
                      n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=cfg.lm_embd)
 
 
-STAGE1_FIELDS = ("data", "train_size", "qa_fraction", "max_objects", "seed", "tokenizer", "bpe_merges",
+STAGE1_FIELDS = ("data", "val_data", "train_size", "qa_fraction", "max_objects", "seed", "tokenizer", "bpe_merges",
                  "lm_type", "lm_layers", "lm_embd", "lm_heads", "lm_steps", "lm_batch_size",
                  "lm_lr", "image_size", "vit_patch", "max_len")
 
@@ -564,7 +588,7 @@ class Logger:
 
 
 def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *, steps, batch_size, groups,
-        schedule, start_step=0, resume_state=None, on_step=None):
+        schedule, start_step=0, resume_state=None, on_step=None, batch_flag="batch_size"):
     """Train `model` (an nn.Module) for `steps` optimizer steps; returns the step reached.
 
     forward(module, batch) -> mean loss over the batch's target tokens; count(batch) -> that number of
@@ -576,7 +600,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     from tqdm import tqdm
     micro = batch_size // (dist.world * cfg.grad_accum)
     if micro * dist.world * cfg.grad_accum != batch_size:
-        raise SystemExit(f"train.py: error: --batch_size={batch_size} must be a multiple of processes "
+        raise SystemExit(f"train.py: error: --{batch_flag}={batch_size} must be a multiple of processes "
                          f"({dist.world}) x --grad_accum ({cfg.grad_accum})")
     amp = autocast_dtype(cfg, dist.device)
     optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
@@ -586,7 +610,8 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
+        if resume_state["scaler"] and scaler.is_enabled():  # empty unless the saved run used fp16
+            scaler.load_state_dict(resume_state["scaler"])
     params = [p for g in groups for p in g["params"]]
 
     module = model
@@ -595,7 +620,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if cfg.compile:
         module = torch.compile(module)
-    stream = batches(dataset, collate_fn, micro, dist, cfg, start=start_step * cfg.grad_accum)
+    stream = batches(dataset, collate_fn, micro, dist, cfg, start=start_step * cfg.grad_accum, batch_flag=batch_flag)
     peak = peak_tflops(dist.device)
     skipped = resume_state.get("skipped", 0) if resume_state else 0
     bar = tqdm(total=steps, initial=start_step, desc=stage, disable=not (dist.main and cfg.progress),
@@ -628,6 +653,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         step += 1
 
@@ -639,7 +665,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
         t0 = time.perf_counter()
         samples_s = batch_size / elapsed
         record = {"stage": stage, "step": step, "loss": round(loss_value, 6),
-                  "lr": optimizer.param_groups[0]["lr"], "samples_per_s": round(samples_s, 2),
+                  "lr": lr_used, "samples_per_s": round(samples_s, 2),
                   "skipped_images": skipped}
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm, 4)
@@ -762,8 +788,9 @@ def final_report(model, val, collate_fn, cfg, dist, logger, step):
     for e, c in list(zip(examples, captions))[:n_show]:
         print(f"  {'ok' if c.strip() == e['caption'] else '--'}  {c.strip():<80s} | {e['caption']}")
     grid_path = os.path.join(cfg.out_dir, "samples.png")
-    draw_grid(grid_path, examples[:16], captions[:16])
-    print(f"\nwrote {grid_path}")
+    if examples:
+        draw_grid(grid_path, examples[:16], captions[:16])
+        print(f"\nwrote {grid_path}")
     if "caption_exact" in record:
         line = (f"held-out exact match: captions {100 * record['caption_exact']:.1f}% of {len(examples)} scenes "
                 f"(count {100 * record['caption_count']:.1f}%, "
@@ -781,7 +808,7 @@ def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
     loss = TextLoss(lm)
     fit("stage 1: language model", loss, lambda m, b: m(b["input_ids"], b["text_mask"]),
         lambda b: b["text_mask"][:, 1:].sum(), texts, collate_rows, cfg, dist, logger,
-        steps=cfg.lm_steps, batch_size=cfg.lm_batch_size,
+        steps=cfg.lm_steps, batch_size=cfg.lm_batch_size, batch_flag="lm_batch_size",
         groups=[{"name": "lm", "params": list(lm.parameters()), "lr": cfg.lm_lr}],
         schedule=(min(50, cfg.lm_steps // 10), "cosine", 0.1))
     lm.eval()
@@ -805,8 +832,15 @@ def main(argv=None):
             raise SystemExit(f"train.py: error: --resume: {ckpt_path} is not a train.py checkpoint ({e})")
         # The same run: its saved config, with what this command line changes (e.g. more --steps).
         given = {k: v for k, v in given.items() if k != "resume"}
+        fixed = sorted(set(given) & set(RESUME_FIXED))
+        if fixed:
+            raise SystemExit(f"train.py: error: --resume continues the saved optimizer and schedule; "
+                             f"--{fixed[0]} cannot change (start a new run in another --out_dir)")
         cfg = dataclasses.replace(TrainConfig(**json.loads(resume["config"])), **given, resume=True)
         check_config(cfg)
+    elif os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise SystemExit(f"train.py: error: {ckpt_path} holds a run already: continue it with --resume, start "
+                         f"over with --overwrite, or pick another --out_dir")
     dist = setup(cfg)
     if dist.main:
         os.makedirs(cfg.out_dir, exist_ok=True)

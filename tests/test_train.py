@@ -64,6 +64,11 @@ def test_presets_and_overrides():
         train.parse_config(["--lm=gpt2/", "--tokenizer=bpe"])
     with pytest.raises(SystemExit):
         train.parse_config(["--no_such_flag=1"])
+    for flag in ("--log_every=0", "--vit_patch=0", "--lm_batch_size=0", "--val_size=0", "--eval_every=-1"):
+        with pytest.raises(SystemExit, match=flag.split("=")[0]):
+            train.parse_config([flag])
+    with pytest.raises(SystemExit, match="one patch"):
+        train.parse_config(["--image_size=16", "--vit_patch=24", "--data=x.jsonl"])
 
 
 def test_lr_schedule():
@@ -155,6 +160,15 @@ def test_resume_continues_the_same_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([f"--out_dir={tmp_path / 'nothing'}", "--resume"])
+    # What a checkpoint's optimizer state fixes cannot change on resume, and a run is never overwritten unasked.
+    with pytest.raises(SystemExit, match="--lr cannot change"):
+        train.main([f"--out_dir={tmp_path / 'split'}", "--resume", "--lr=0.5"])
+    saved = state(tmp_path / "split")["train"]["step"]
+    with pytest.raises(SystemExit, match="holds a run already.*--resume.*--overwrite"):
+        train.main(args(tmp_path / "split", **common))
+    assert state(tmp_path / "split")["train"]["step"] == saved
+    train.main(args(tmp_path / "split", overwrite=True, **dict(common, steps=1)))
+    assert state(tmp_path / "split")["train"]["step"] == 1
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
