@@ -384,7 +384,9 @@ def image_tokens(cfg):
         return (cfg.image_size // cfg.vit_patch) ** 2 + 1
     vit = VIT_PRESETS.get(cfg.vit)
     if vit is None:
-        return 577 if not cfg.image_size else (cfg.image_size // 14) ** 2 + 1  # ViT-L/14@336 is the largest
+        # a checkpoint: not read yet, so an upper bound (public CLIP patches are 14 px or more;
+        # ViT-L/14@336's 577 tokens are the most at its own size)
+        return 577 if not cfg.image_size else (cfg.image_size // 14) ** 2 + 1
     return ((cfg.image_size or vit.image_size) // vit.patch_size) ** 2 + 1
 
 
