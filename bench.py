@@ -253,7 +253,13 @@ TRAIN_VARIANTS = {
     "ours": ("ours", "bf16", "auto", False),
     "ours-compile": ("ours", "bf16", "auto", True),
 }
-GENERATE_VARIANTS = {"transformers": ("transformers", "sdpa"), "ours": ("ours", "auto"), "ours-sdpa": ("ours", "sdpa")}
+# name: (assembly, attention impl, decode step replayed as a CUDA graph (gpt.DecodeStep))
+GENERATE_VARIANTS = {
+    "transformers": ("transformers", "sdpa", False),
+    "ours-eager": ("ours", "auto", False),
+    "ours-sdpa-graph": ("ours", "sdpa", True),
+    "ours": ("ours", "auto", True),
+}
 
 
 def bench_device(name, args):
@@ -461,10 +467,10 @@ class TransformersMagma(nn.Module):
         return out.tolist()
 
 
-def ours_generate_ids(magma, pixels, prompt_ids, max_new_tokens):
+def ours_generate_ids(magma, pixels, prompt_ids, max_new_tokens, cuda_graph=False):
     """Greedy: Magma.generate_ids on [image, prompt] per row (EOS off, so every row runs every step)."""
     inputs = [[pixels[b], " ".join(str(i) for i in prompt_ids[b].tolist())] for b in range(len(pixels))]
-    return magma.generate_ids(inputs, max_new_tokens, temperature=0, eos=False)
+    return magma.generate_ids(inputs, max_new_tokens, temperature=0, eos=False, cuda_graph=cuda_graph)
 
 
 def build_pair(lm_config, vit_config, adapters=None, seed=0, init_std=None, prefix_dropout=0.1):
@@ -623,8 +629,8 @@ def bench_generate(args):
     ours, theirs = build_pair(lm_config, vit_config)
     ours.to(device, dtype).eval()  # the whole of both models in `dtype`: inference
     theirs.to(device, dtype).eval()
-    runs = {"ours": lambda px, ids: ours_generate_ids(ours, px, ids, new),
-            "transformers": lambda px, ids: theirs.generate_ids(px, ids, new)}
+    runs = {"ours": lambda px, ids, graph: ours_generate_ids(ours, px, ids, new, graph and not smoke),
+            "transformers": lambda px, ids, graph: theirs.generate_ids(px, ids, new)}
     rows = []
     for B in batches:
         g = torch.Generator().manual_seed(B)
@@ -632,12 +638,14 @@ def bench_generate(args):
         prompt = torch.randint(0, lm_config.vocab_size, (B, prompt_len), generator=g).to(device)
         reference = None
         for name in names:
-            assembly, impl = GENERATE_VARIANTS[name]
-            row = {"batch": B, "variant": name, "attention": impl, "new_tokens": new}
+            assembly, impl, graph = GENERATE_VARIANTS[name]
+            row = {"batch": B, "variant": name, "attention": impl, "cuda_graph": graph, "new_tokens": new}
+            if graph and smoke:
+                row["note"] = "eager: CUDA graphs are left out of the CPU smoke run"
             rows.append(row)
             free_memory()
             with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
-                fn = lambda: runs[assembly](pixels, prompt)
+                fn = lambda: runs[assembly](pixels, prompt, graph)
                 tokens = fn()
                 if any(len(t) != new for t in tokens):
                     raise RuntimeError(f"bench.py generate: {name} produced {[len(t) for t in tokens]} tokens, "
@@ -653,12 +661,13 @@ def bench_generate(args):
         base = next((b for b in rows if b["batch"] == r["batch"] and b["variant"] == "transformers"), None)
         if base is not None:
             r["x_vs_tf"] = r["tokens_per_s"] / base["tokens_per_s"]
-    columns = ["batch", "variant", "attention", "new_tokens", "ms", "ms_per_step", "tokens_per_s", "x_vs_tf",
-               "agree", "peak_gib"]
+    columns = ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step", "tokens_per_s",
+               "x_vs_tf", "agree", "peak_gib", "note"]
     return {"benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
             "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
                       "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
-            "timing": "wall time of the whole call (ViT + prefix + prefill + decode), EOS off",
+            "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
+                      "graph where there is one), EOS off",
             "columns": columns, "rows": rows}
 
 

@@ -7,7 +7,8 @@ uses (arXiv 2112.05253): x + attn(ln_1(x)) + mlp(ln_1(x)), one norm for both bra
 GPT-NeoX: the same parallel sum with two norms, or GPT-2's sequential wiring. GPT-J and NeoX give
 positions by rotating q and k (rotary embedding) instead of adding a learned table.
 
-The file reads top to bottom: config, rotary embedding, the model (KV cache, generation), sampling,
+The file reads top to bottom: config, rotary embedding, the model (KV cache, generation), the
+fixed-shape decode step (CUDA graphs), sampling,
 checkpoint readers, the Hugging Face loaders (one name table per family), and the command line
 
     python gpt.py PATH --prompt "Hello" [--compare]     # sanity check of a downloaded checkpoint
@@ -141,7 +142,13 @@ def apply_rotary(x, cos, sin, style):
 # The model.
 
 class KVCache:
-    """Preallocated keys and values of every layer, (B, H, max_len, D) each; `length` are filled."""
+    """Preallocated keys and values of every layer, (B, H, max_len, D) each; `length` are filled.
+
+    Two ways to write. Prefill (and any call of GPT.forward) appends T positions after `length` and
+    attends to the filled ones. A fixed-shape decode step (GPT.decode_step) sets `slot`, a (1,) tensor:
+    each layer then writes its one new position there and attends to all max_len slots, the caller's
+    mask hiding the unfilled ones; nothing about the call depends on a Python number that changes.
+    """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
         shape = (batch_size, n_head, max_len, head_dim)
@@ -149,15 +156,20 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.length = 0
         self.max_len = max_len
+        self.slot = None  # set only during GPT.decode_step
 
     def update(self, layer, k, v):
-        """Write this step's k, v (B, H, T, D) after the cached ones; return all keys and values so far."""
-        T = k.shape[2]
-        end = self.length + T
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        """Write this step's k, v (B, H, T, D); return the keys and values to attend to."""
+        K, V = self.k[layer], self.v[layer]
+        if self.slot is not None:  # fixed-shape decode: T == 1, written at slot, every slot returned
+            K.index_copy_(2, self.slot, k.to(K.dtype))
+            V.index_copy_(2, self.slot, v.to(V.dtype))
+            return K.to(k.dtype), V.to(v.dtype)  # (B, H, max_len, D)
+        end = self.length + k.shape[2]
+        K[:, :, self.length:end] = k
+        V[:, :, self.length:end] = v
         # (B, H, length+T, D); the cast is a no-op unless autocast computes k, v in another dtype
-        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
+        return K[:, :, :end].to(k.dtype), V[:, :, :end].to(v.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -308,14 +320,38 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)
 
+    def decode_step(self, idx, cache, key_padding_mask, slot):
+        """Logits (B, vocab) in float32 for one new token per row, at shapes that never change.
+
+        idx (B, 1) token ids; key_padding_mask (B, cache.max_len) bool, True on the filled real slots;
+        slot (1,) long, the cache slot this token fills. In place, the mask gains the slot and slot
+        advances by one, so the same call with the same tensors produces the next token (DecodeStep).
+        """
+        key_padding_mask.index_fill_(1, slot, True)
+        pos = key_padding_mask.sum(1, keepdim=True) - 1  # (B, 1): the real tokens before this one
+        x = self.transformer.wte(idx)  # (B, 1, C)
+        rope = None
+        if self.config.rotary is None:
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rotary_cos_sin(pos, self.config.rotary_dim, self.config.rotary_base, x.dtype)
+        cache.slot = slot
+        try:
+            for block in self.transformer.h:
+                x = block(x, rope, key_padding_mask, cache)  # attends to all max_len slots, masked
+        finally:
+            cache.slot = None
+        slot.add_(1)
+        return self.lm_head(self.transformer.ln_f(x)[:, -1]).float()  # (B, vocab)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 key_padding_mask=None):
+                 key_padding_mask=None, cuda_graph=False):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-        Prefill the KV cache once, then feed one token at a time. Batches are LEFT-padded, with
-        key_padding_mask (B, T) marking real tokens. temperature=0 is greedy. A row that has
-        emitted eos_id keeps emitting eos_id.
+        Prefill the KV cache once, then feed one token at a time (DecodeStep; cuda_graph=True replays
+        each step as a CUDA graph). Batches are LEFT-padded, with key_padding_mask (B, T) marking real
+        tokens. temperature=0 is greedy. A row that has emitted eos_id keeps emitting eos_id.
         """
         B, T = idx.shape
         mask = (torch.ones_like(idx, dtype=torch.bool) if key_padding_mask is None
@@ -323,22 +359,22 @@ class GPT(nn.Module):
         if max_new_tokens <= 0:
             return idx
         cache = self.new_cache(B, T + max_new_tokens)
-        hidden = self(idx, key_padding_mask=mask, cache=cache, return_hidden=True)
+        logits = self(idx, key_padding_mask=mask, cache=cache)[:, -1].float()  # prefill: (B, vocab)
+        step = DecodeStep(self, cache, mask, cuda_graph=cuda_graph)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = [idx]
-        for step in range(max_new_tokens):
-            nxt = sample_next(self.lm_head(hidden[:, -1]), temperature, top_k, top_p)  # (B,)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p)  # (B,)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             out.append(nxt[:, None])
-            if step == max_new_tokens - 1:
+            if i == max_new_tokens - 1:
                 break
             if eos_id is not None and bool(done.all()):  # every row finished: pad with eos and stop
-                out.append(torch.full((B, max_new_tokens - step - 1), eos_id, dtype=idx.dtype, device=idx.device))
+                out.append(torch.full((B, max_new_tokens - i - 1), eos_id, dtype=idx.dtype, device=idx.device))
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            hidden = self(nxt[:, None], key_padding_mask=mask, cache=cache, return_hidden=True)
+            logits = step(nxt[:, None])
         return torch.cat(out, dim=1)
 
     @classmethod
@@ -357,6 +393,72 @@ class GPT(nn.Module):
         model.tie_weights()
         load_checked(model, ours, source)
         return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding one token at a time. After the prompt is prefilled, every step has the same shapes, so it can
+# be recorded once as a CUDA graph and replayed: one launch per token instead of a dozen per layer,
+# which is what bounds small-batch decoding on a GPU (the GPU waits for Python, not the reverse).
+
+class DecodeStep:
+    """step(ids (B, 1)) -> logits (B, vocab) float32 of the next position, for a prefilled KV cache.
+
+    Owns the fixed-shape state GPT.decode_step reads: the key mask over all cache slots (the prompt's
+    mask, then False) and the slot to write. With cuda_graph=True (CUDA only, no autocast) the step is
+    captured once; each call copies the ids in and replays it. The returned logits are then the graph's
+    own output buffer: use them before the next call.
+    """
+
+    def __init__(self, lm, cache, prompt_mask, cuda_graph=False):
+        B, T = prompt_mask.shape  # (B, T) real tokens of the prefilled prompt
+        device = cache.k[0].device
+        if cache.length != T:
+            raise ValueError(f"DecodeStep needs a cache prefilled with the prompt's {T} positions, "
+                             f"it holds {cache.length}")
+        self.lm, self.cache = lm, cache
+        self.mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.mask[:, :T] = prompt_mask
+        self.slot = torch.full((1,), T, dtype=torch.long, device=device)
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.steps_left = cache.max_len - T
+        self.graph = None
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+            if torch.is_autocast_enabled("cuda"):
+                raise ValueError("cuda_graph=True cannot record under autocast: hold the model in the "
+                                 "dtype to decode in instead (e.g. model.to(torch.bfloat16))")
+            self._capture()
+
+    def _run(self):
+        return self.lm.decode_step(self.ids, self.cache, self.mask, self.slot)
+
+    def _capture(self):
+        # Run the step twice on a side stream first (cuBLAS picks its workspaces, Triton compiles), as
+        # capture requires. Those runs write slot T and advance the slot; both are put back, and slot
+        # T is written again by the first real step before anything reads it.
+        mask, slot = self.mask.clone(), self.slot.clone()
+        side = torch.cuda.Stream(device=self.slot.device)
+        side.wait_stream(torch.cuda.current_stream(self.slot.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run()
+                self.mask.copy_(mask)
+                self.slot.copy_(slot)
+        torch.cuda.current_stream(self.slot.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels without running them
+            self.logits = self._run()
+
+    def __call__(self, ids):
+        if self.steps_left <= 0:
+            raise ValueError(f"the KV cache is full ({self.cache.max_len} positions)")
+        self.steps_left -= 1
+        self.ids.copy_(ids)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
 
 
 # ----------------------------------------------------------------------------------------------------

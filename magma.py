@@ -30,7 +30,7 @@ from PIL import Image
 
 from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
 from data import ImageError, clip_preprocess, load_image
-from gpt import GPT, GPTConfig, load_checked, sample_next
+from gpt import GPT, DecodeStep, GPTConfig, load_checked, sample_next
 from tokenizer import ByteTokenizer, Tokenizer
 from vit import PRESETS, ViT, ViTConfig
 
@@ -327,7 +327,7 @@ class Magma(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
-                     generator=None):
+                     generator=None, cuda_graph=False):
         """Like generate(), but returns the new token ids of each row (without the eos)."""
         was_training = self.training
         self.eval()
@@ -341,20 +341,21 @@ class Magma(nn.Module):
             eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
             cache = self.lm.new_cache(B, T + max_new_tokens, device=x.device, dtype=x.dtype)
             hidden = self.lm(inputs_embeds=x, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill
+            logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
+            step = DecodeStep(self.lm, cache, mask, cuda_graph=cuda_graph)  # then one token at a time
             done = torch.zeros(B, dtype=torch.bool, device=x.device)
             out = []
-            for step in range(max_new_tokens):
-                logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
+            for i in range(max_new_tokens):
                 logits[:, self.tokenizer.vocab_size:] = float("-inf")  # LM rows the tokenizer cannot decode
                 token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)
+                out.append(token)
                 if eos_id is not None:
                     done |= token == eos_id  # a finished row runs on with the others; its tail is cut below
-                out.append(token)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
-                hidden = self.lm(token[:, None], key_padding_mask=mask, cache=cache, return_hidden=True)
+                    if bool(done.all()):  # the one read back from the device per step, and only with eos
+                        break
+                if i < max_new_tokens - 1:
+                    logits = step(token[:, None])
             rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
         finally:
             self.train(was_training)
@@ -363,15 +364,16 @@ class Magma(nn.Module):
         return rows
 
     def generate(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
-                 generator=None):
+                 generator=None, cuda_graph=False):
         """Continue each interleaved input (a batch: list of lists of images and strings) -> list[str].
 
         Prefills each prompt once into the KV cache, then samples token by token (gpt.sample_next:
         temperature 0 = greedy, top-k 0 = off, top-p = the smallest set of tokens whose probability
         reaches p). eos=True stops each row at the tokenizer's end-of-text token (an int: at that id;
-        False: never), and the text returned stops before it.
+        False: never), and the text returned stops before it. cuda_graph=True records the decode step
+        once as a CUDA graph and replays it per token (gpt.DecodeStep; CUDA, no autocast).
         """
-        rows = self.generate_ids(inputs, max_new_tokens, temperature, top_k, top_p, eos, generator)
+        rows = self.generate_ids(inputs, max_new_tokens, temperature, top_k, top_p, eos, generator, cuda_graph)
         return [self.tokenizer.decode(row) for row in rows]
 
     # ------------------------------------------------------------------------------------------------

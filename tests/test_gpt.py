@@ -183,6 +183,55 @@ def test_kv_cached_logits_equal_uncached(models, name):
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_fixed_shape_decode_step_equals_uncached_logits(models, name):
+    """DecodeStep (every slot attended, unfilled ones masked, positions from the mask) = full recomputation."""
+    model = models[name]
+    idx = random_ids(2, 12, seed=7)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :3] = False  # row 0 is left-padded: its positions start after the pads
+    with torch.no_grad():
+        full = model(idx, key_padding_mask=mask)  # (2, 12, V)
+        cache = model.new_cache(2, 14)  # 2 slots more than the sequence: always masked
+        prefill = model(idx[:, :7], key_padding_mask=mask[:, :7], cache=cache)
+        step = gpt.DecodeStep(model, cache, mask[:, :7])
+        steps = [step(idx[:, t:t + 1]) for t in range(7, 12)]  # (2, V) each
+    got = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+    assert (got - full)[mask].abs().max().item() <= 1e-5
+    assert step.slot.tolist() == [12] and step.mask[:, :12].equal(mask) and not step.mask[:, 12:].any()
+    step(idx[:, :1])
+    step(idx[:, :1])
+    with pytest.raises(ValueError, match="KV cache is full"):
+        step(idx[:, :1])
+
+
+def test_decode_step_refusals(models):
+    model = models["gpt2"]
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ValueError, match="prefilled with the prompt's 3 positions"):
+        gpt.DecodeStep(model, cache, torch.ones(1, 3, dtype=torch.bool))
+    model(random_ids(1, 3), cache=cache)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        gpt.DecodeStep(model, cache, torch.ones(1, 3, dtype=torch.bool), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("impl", ["sdpa", "auto"])
+@pytest.mark.parametrize("name", ["gpt2", "gptj"])
+def test_cuda_graph_decoding_equals_eager(models, name, impl, monkeypatch):
+    """The recorded-and-replayed decode step gives the tokens of the eager one, twice in a row."""
+    monkeypatch.setenv("MAGMA_ATTENTION", impl)
+    model = GPT(models[name].config).cuda().eval()
+    model.load_state_dict(models[name].state_dict())
+    idx = random_ids(3, 9, seed=8).cuda()
+    mask = torch.ones(3, 9, dtype=torch.bool, device="cuda")
+    mask[1, :4] = False
+    eager = model.generate(idx, 16, temperature=0, key_padding_mask=mask)
+    graphed = model.generate(idx, 16, temperature=0, key_padding_mask=mask, cuda_graph=True)
+    again = model.generate(idx, 16, temperature=0, key_padding_mask=mask, cuda_graph=True)
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_left_padded_batch_generation_equals_per_row(refs, models, name):
     model = models[name]
     rows = [random_ids(1, 3, seed=4)[0], random_ids(1, 8, seed=5)[0]]

@@ -228,12 +228,23 @@ def test_each_row_stops_at_its_own_eos():
     assert stopped[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
     # once every row has ended, decoding stops: here the first greedy token is the eos
     calls = []
-    model.lm.register_forward_hook(lambda *a: calls.append(1))
+    model.lm.lm_head.register_forward_hook(lambda *a: calls.append(1))  # once per position decoded
     first = model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=False)[0][0]
     assert len(calls) == 12  # prefill + 11 one-token steps
     calls.clear()
     assert model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=first) == [[]]
     assert len(calls) == 1  # the prefill only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_generation_equals_eager():
+    model = sharpen(tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))).cuda().eval()
+    batch = [[pixels(1)[0], "ab"], ["a longer prompt"], [pixels(1)[0]]]
+    eager = model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=False)
+    assert model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=False, cuda_graph=True) == eager
+    stop = eager[1][4]  # rows end at their own eos with the graph too
+    assert (model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=stop, cuda_graph=True)
+            == model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=stop))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
