@@ -310,17 +310,20 @@ class Magma(nn.Module):
         if pixels.shape[0] != input_ids.shape[0]:
             raise ValueError(f"pixels has batch size {pixels.shape[0]}, input_ids {input_ids.shape[0]}")
         text_mask = text_mask.to(torch.bool)
-        if not text_mask.any():
-            raise ValueError("text_mask selects no token: nothing to predict")
         image = self.image_embeds(pixels)  # (B, I, C)
         text = self.lm.transformer.wte(input_ids)  # (B, T, C)
         x = torch.cat([image, text], dim=1)  # (B, I+T, C)
         # Right padding needs no mask: causal attention keeps the pads out of every real position.
         hidden = self.lm(inputs_embeds=x, return_hidden=True)  # (B, I+T, C)
         I = image.shape[1]
-        hidden = hidden[:, I - 1:-1][text_mask]  # (n_tokens, C): the positions that predict a text token
-        logits = self.lm.lm_head(hidden)  # (n_tokens, V): the vocabulary projection only where needed
-        return F.cross_entropy(logits.float(), input_ids[text_mask])
+        # The vocabulary projection runs only on the T positions that predict a text token (the last
+        # image position, then every text one but the last), pads included: picking out the real ones
+        # with the mask would give a shape the host must read back from the GPU every step (a stall,
+        # and a break in a torch.compile graph). Pads get the target -100, which cross_entropy skips.
+        logits = self.lm.lm_head(hidden[:, I - 1:-1].flatten(0, 1))  # (B*T, V)
+        targets = input_ids.masked_fill(~text_mask, -100).flatten()  # (B*T,)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        return loss / text_mask.sum().clamp(min=1)  # the mean over real tokens (0 if there are none)
 
     # ------------------------------------------------------------------------------------------------
     # Generation

@@ -229,13 +229,15 @@ class Dist:
     def main(self):
         return self.rank == 0
 
-    def all_sum(self, value):
-        """Sum a number over processes (a no-op for one process)."""
-        if self.world == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(t)
-        return t.item()
+    def all_sum(self, *values):
+        """Sum each number over processes in one all_reduce (a no-op for one process): a float, or a
+        list of floats for several values."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        if self.world > 1:
+            t = t.to(self.device)
+            torch_dist.all_reduce(t)
+        sums = t.tolist()
+        return sums[0] if len(sums) == 1 else sums
 
     def barrier(self):
         if self.world > 1:
@@ -365,6 +367,7 @@ def batches(dataset, collate_fn, micro_batch, dist, cfg, start=0, batch_flag="ba
         # make the dropout masks after a resume differ from those of an uninterrupted run.
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=order, drop_last=True,
                                              collate_fn=collate_fn, num_workers=cfg.num_workers,
+                                             pin_memory=dist.device.type == "cuda",  # non_blocking copies
                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
         yield from loader
         epoch, skip = epoch + 1, 0
@@ -631,27 +634,28 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     step = start_step
     t0 = time.perf_counter()
     while step < steps:
-        micro_batches = [to_device(next(stream), dist.device) for _ in range(cfg.grad_accum)]
-        for b in micro_batches:
-            if b["skipped"]:
-                skipped += len(b["skipped"])
-        n_local = sum(int(count(b)) for b in micro_batches)
+        # Token counts are taken on the host copies, and the loss is summed on the device: the step
+        # reads one number back from the GPU (after its optimizer update), so the host never waits
+        # on a half-finished step.
+        host_batches = [next(stream) for _ in range(cfg.grad_accum)]
+        counts = [int(count(b)) for b in host_batches]
+        new_skips = sum(len(b["skipped"]) for b in host_batches)
+        micro_batches = [to_device(b, dist.device) for b in host_batches]
+        n_local = sum(counts)
         n_total = dist.all_sum(n_local)
-        loss_sum = 0.0
-        for i, b in enumerate(micro_batches):
+        loss_sum = torch.zeros((), device=dist.device)
+        for i, (b, n) in enumerate(zip(micro_batches, counts)):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last or dist.world == 1) else module.no_sync()
             with sync:
                 with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
                     loss = forward(module, b)
-                n = int(count(b))
                 scaler.scale(loss * (n * dist.world / n_total)).backward()
-            loss_sum += loss.item() * n
+            loss_sum += loss.detach().float() * n
+        grad_norm = None
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        else:
-            grad_norm = None
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # read after the update
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -659,7 +663,9 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
         scheduler.step()
         step += 1
 
-        loss_value = dist.all_sum(loss_sum) / n_total
+        loss_total, step_skips = dist.all_sum(loss_sum, new_skips)  # every process's unreadable images too
+        loss_value = loss_total / n_total
+        skipped += int(step_skips)
         if not math.isfinite(loss_value):
             raise SystemExit(f"train.py: error: {stage} loss is {loss_value} at step {step}; "
                              "lower the learning rate or use --precision=fp32")
@@ -670,10 +676,10 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
                   "lr": lr_used, "samples_per_s": round(samples_s, 2),
                   "skipped_images": skipped}
         if grad_norm is not None:
-            record["grad_norm"] = round(grad_norm, 4)
+            record["grad_norm"] = round(grad_norm.item(), 4)
         if dist.device.type == "cuda":
             seq = micro_batches[0]["input_ids"].shape[1]
-            record["tokens_per_s"] = round(dist.all_sum(n_local) / elapsed, 1)
+            record["tokens_per_s"] = round(n_total / elapsed, 1)
             record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 2)
             if peak:
                 record["mfu"] = round(flops_per_sample(model, seq) * samples_s / (peak * 1e12 * dist.world), 4)

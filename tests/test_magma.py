@@ -152,6 +152,11 @@ def test_loss_is_text_only_and_matches_hand_computation():
     assert abs(model(pixels(2, seed=1), ids, mask).item() - loss.item()) > 1e-4
     with pytest.raises(ValueError, match="text_mask"):
         model(px, ids, mask[:, :3])
+    # no real token at all: nothing to predict, loss 0 and a zero gradient (not 0/0)
+    empty = model(px, ids, torch.zeros_like(mask))
+    empty.backward()
+    assert empty.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_embed_interleaved_images_and_text_left_padded():

@@ -208,10 +208,15 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_the_run(tmp_path, cap
     path = _jsonl_with_bad_images(tmp_path)
     train.main(args(tmp_path / "run", data=path, steps=4, batch_size=4, eval_images=1))
     records = log(tmp_path / "run")
-    assert records[-1]["skipped_images"] >= 2  # each bad file at least once in 16 samples of 8 records
     assert "missing.png" in caplog.text and "corrupt.jpg" in caplog.text
     with pytest.raises(data.ImageError, match=r"missing\.png|corrupt\.jpg"):
         train.main(args(tmp_path / "strict", data=path, steps=4, batch_size=4, strict=True))
+    # 4 steps of 4 = two passes over the 8 records: each of the 2 bad ones is met twice (more if a
+    # stand-in drawn for one is bad too). 2 processes sharing those batches meet the same records, and
+    # the count covers every process, not rank 0's alone.
+    assert records[-1]["skipped_images"] >= 4
+    _torchrun(tmp_path / "ddp", 2, data=path, steps=4, batch_size=4, eval_images=1)
+    assert log(tmp_path / "ddp")[-1]["skipped_images"] == records[-1]["skipped_images"]
 
 
 def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
