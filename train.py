@@ -586,6 +586,26 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def start(self, resume_step=None):
+        """A new run starts an empty log. A resumed one keeps the records up to its checkpoint and drops
+        the stage-2 and eval records of the steps after it: those steps run again and log again."""
+        if not self.dist.main or not os.path.exists(self.path):
+            return
+        kept = []
+        if resume_step is not None:
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:  # a line cut short by the crash
+                        continue
+                    if r.get("stage") not in ("stage 2: magma", "eval") or r.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
     def print(self, *text):
         if self.dist.main:
             from tqdm import tqdm
@@ -854,6 +874,7 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
     dist.barrier()
     logger = Logger(dist, os.path.join(cfg.out_dir, "log.jsonl"))
+    logger.start(resume_step=resume["step"] if resume is not None else None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights

@@ -151,9 +151,13 @@ def test_resume_continues_the_same_run(tmp_path):
     train.main(args(tmp_path / "split", stop_after=3, **common))
     assert [r["step"] for r in log(tmp_path / "split")] == [1, 2, 3]
     assert state(tmp_path / "split")["train"]["step"] == 3
+    with open(tmp_path / "split" / "log.jsonl", "a") as f:  # a crash after step 4 was logged, not saved
+        f.write(json.dumps({"stage": "stage 2: magma", "step": 4, "loss": 0.0}) + "\n")
+        f.write('{"stage": "eval", "st')  # and a line cut short
     train.main([f"--out_dir={tmp_path / 'split'}", "--resume"])
     straight, split = log(tmp_path / "straight"), log(tmp_path / "split")
-    assert [r["step"] for r in split] == list(range(1, 7))
+    assert [r["step"] for r in split] == list(range(1, 7))  # step 4 once: the crash's record was dropped
+    assert len(log(tmp_path / "split", "stage 1: language model")) == 3  # stage 1's records were kept
     assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
     assert [r["lr"] for r in split] == pytest.approx([r["lr"] for r in straight])
     a, b = state(tmp_path / "straight")["state_dict"], state(tmp_path / "split")["state_dict"]
@@ -169,6 +173,7 @@ def test_resume_continues_the_same_run(tmp_path):
     assert state(tmp_path / "split")["train"]["step"] == saved
     train.main(args(tmp_path / "split", overwrite=True, **dict(common, steps=1)))
     assert state(tmp_path / "split")["train"]["step"] == 1
+    assert [r["step"] for r in log(tmp_path / "split")] == [1]  # a new run, a new log
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
