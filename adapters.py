@@ -72,6 +72,16 @@ class AdapterConfig:
 # The adapter modules
 
 
+def _in_own_dtype(x, weight, first_op_is_matmul=True):
+    """x in the adapter's dtype: a bf16/fp16 frozen model may hold fp32 adapters. Under autocast a
+    matmul casts its input to the autocast dtype itself, so when one comes first the cast would only
+    add a copy of x: x passes unchanged, with the same result. (A LayerNorm first does get the cast:
+    CPU autocast would run it in bf16.)"""
+    if first_op_is_matmul and torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter: [LayerNorm] -> Linear(d, d/downsample) -> activation -> Linear(-> d) [* s]."""
 
@@ -97,7 +107,7 @@ class Adapter(nn.Module):
                 nn.init.trunc_normal_(linear.bias, std=init_std, a=-2 * init_std, b=2 * init_std)
 
     def forward(self, x):  # (B, T, d) -> (B, T, d)
-        h = x.to(self.down.weight.dtype)  # a bf16/fp16 frozen model may hold fp32 adapters
+        h = _in_own_dtype(x, self.down.weight, first_op_is_matmul=self.ln is None)
         h = self.ln(h) if self.ln is not None else h
         h = self.up(ACTIVATIONS[self.activation](self.down(h)))  # (B, T, d/downsample) -> (B, T, d)
         h = h * self.scale if self.scale is not None else h
@@ -115,7 +125,7 @@ class LoRA(nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x):  # (..., d_in) -> (..., d_out)
-        h = x.to(self.A.dtype)
+        h = _in_own_dtype(x, self.A)
         return ((h @ self.A.t()) @ self.B.t() * self.scaling).to(x.dtype)  # (..., r) -> (..., d_out)
 
 

@@ -22,6 +22,7 @@ checkpoints written atomically, holding everything --resume needs to continue th
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -260,7 +261,10 @@ def setup(cfg):
     else:
         device = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 evaluates alone (captions, the final report) while the others wait at a barrier:
+        # a timeout well above that wait, not the default 10 minutes.
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      timeout=datetime.timedelta(hours=2))
     return Dist(rank, world, device)
 
 

@@ -188,3 +188,41 @@ def test_fp32_adapters_in_a_bf16_model():
         assert torch.equal(lm(x), before)
     lm(x).float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(lm))
+
+
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_under_autocast_fp32_adapters_skip_the_cast_and_give_the_same_result(layernorm):
+    """Under bf16 autocast an fp32 adapter reads bf16 x as it is: no fp32 copy of x, the same output
+    and gradients as casting first (autocast brings a matmul's input back to bf16 anyway)."""
+    torch.manual_seed(0)
+    adapter = Adapter(32, downsample=4, layernorm=layernorm, init="normal", init_std=0.1, scaled=True)
+    lora = LoRA(32, 48)
+    nn.init.normal_(lora.B)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    for module in (adapter, lora):
+        results = []
+        for cast_first in (True, False):
+            module.zero_grad()
+            x.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = module(x.float() if cast_first else x)
+            y.float().square().sum().backward()
+            results.append([y.to(x.dtype), x.grad] + [p.grad for p in module.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    # and no fp32 copy of x is made on the way in
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_copies_of_x = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and out.shape == x.shape:
+                self.fp32_copies_of_x += 1
+            return out
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Copies() as mode:
+        adapter(x)
+    assert mode.fp32_copies_of_x == (1 if layernorm else 0)
