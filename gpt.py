@@ -359,7 +359,8 @@ class GPT(nn.Module):
         if max_new_tokens <= 0:
             return idx
         cache = self.new_cache(B, T + max_new_tokens)
-        logits = self(idx, key_padding_mask=mask, cache=cache)[:, -1].float()  # prefill: (B, vocab)
+        hidden = self(idx, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill: (B, T, C)
+        logits = self.lm_head(hidden[:, -1]).float()  # (B, vocab): the last position only
         step = DecodeStep(self, cache, mask, cuda_graph=cuda_graph)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = [idx]
@@ -404,9 +405,9 @@ class DecodeStep:
     """step(ids (B, 1)) -> logits (B, vocab) float32 of the next position, for a prefilled KV cache.
 
     Owns the fixed-shape state GPT.decode_step reads: the key mask over all cache slots (the prompt's
-    mask, then False) and the slot to write. With cuda_graph=True (CUDA only, no autocast) the step is
-    captured once; each call copies the ids in and replays it. The returned logits are then the graph's
-    own output buffer: use them before the next call.
+    mask, then False) and the slot to write. With cuda_graph=True (CUDA only, no autocast) the first
+    call records the step as a CUDA graph; every call copies the ids in and replays it. The returned
+    logits are then the graph's own output buffer: use them before the next call.
     """
 
     def __init__(self, lm, cache, prompt_mask, cuda_graph=False):
@@ -415,48 +416,56 @@ class DecodeStep:
         if cache.length != T:
             raise ValueError(f"DecodeStep needs a cache prefilled with the prompt's {T} positions, "
                              f"it holds {cache.length}")
-        self.lm, self.cache = lm, cache
+        if lm.config.rotary is None and cache.max_len > lm.config.block_size:
+            raise ValueError(f"a KV cache of {cache.max_len} positions exceeds the LM's block_size "
+                             f"{lm.config.block_size} (its table of learned positions)")
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if cuda_graph and torch.is_autocast_enabled("cuda"):
+            raise ValueError("cuda_graph=True cannot record under autocast: hold the model in the "
+                             "dtype to decode in instead (e.g. model.to(torch.bfloat16))")
+        self.lm, self.cache, self.cuda_graph = lm, cache, cuda_graph
         self.mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)  # (B, max_len)
         self.mask[:, :T] = prompt_mask
         self.slot = torch.full((1,), T, dtype=torch.long, device=device)
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.steps_left = cache.max_len - T
         self.graph = None
-        if cuda_graph:
-            if device.type != "cuda":
-                raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-            if torch.is_autocast_enabled("cuda"):
-                raise ValueError("cuda_graph=True cannot record under autocast: hold the model in the "
-                                 "dtype to decode in instead (e.g. model.to(torch.bfloat16))")
-            self._capture()
 
+    @torch.no_grad()
     def _run(self):
         return self.lm.decode_step(self.ids, self.cache, self.mask, self.slot)
 
     def _capture(self):
         # Run the step twice on a side stream first (cuBLAS picks its workspaces, Triton compiles), as
-        # capture requires. Those runs write slot T and advance the slot; both are put back, and slot
-        # T is written again by the first real step before anything reads it.
+        # capture requires. Those runs write the next slot and advance the slot; both are put back, and
+        # that slot is written again by the real step before anything reads it.
+        device = self.slot.device
         mask, slot = self.mask.clone(), self.slot.clone()
-        side = torch.cuda.Stream(device=self.slot.device)
-        side.wait_stream(torch.cuda.current_stream(self.slot.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-                self.mask.copy_(mask)
-                self.slot.copy_(slot)
-        torch.cuda.current_stream(self.slot.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them
-            self.logits = self._run()
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+                    self.mask.copy_(mask)
+                    self.slot.copy_(slot)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # Records the kernels without running them; "thread_local" lets other threads (a DataLoader's
+            # pinning thread) go on meanwhile.
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.logits = self._run()
 
     def __call__(self, ids):
         if self.steps_left <= 0:
             raise ValueError(f"the KV cache is full ({self.cache.max_len} positions)")
         self.steps_left -= 1
         self.ids.copy_(ids)
-        if self.graph is None:
+        if not self.cuda_graph:
             return self._run()
+        if self.graph is None:  # recorded at the first call: a step that never runs costs nothing
+            self._capture()
         self.graph.replay()
         return self.logits
 

@@ -465,8 +465,8 @@ class TextLoss(nn.Module):
 
     def forward(self, input_ids, text_mask):
         logits = self.lm(input_ids[:, :-1])  # (B, T-1, V)
-        mask = text_mask[:, 1:]
-        return F.cross_entropy(logits[mask].float(), input_ids[:, 1:][mask])
+        targets = input_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)  # pads skipped, no mask selection
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def lr_factor(step, total, warmup, schedule, min_ratio):
@@ -667,6 +667,8 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
         micro_batches = [to_device(b, dist.device) for b in host_batches]
         n_local = sum(counts)
         n_total = dist.all_sum(n_local)
+        if n_total == 0:
+            raise SystemExit(f"train.py: error: {stage}: step {step + 1}'s batches hold no text token to predict")
         loss_sum = torch.zeros((), device=dist.device)
         for i, (b, n) in enumerate(zip(micro_batches, counts)):
             last = i == len(micro_batches) - 1

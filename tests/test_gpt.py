@@ -212,6 +212,9 @@ def test_decode_step_refusals(models):
     model(random_ids(1, 3), cache=cache)
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         gpt.DecodeStep(model, cache, torch.ones(1, 3, dtype=torch.bool), cuda_graph=True)
+    with pytest.raises(ValueError, match=f"KV cache of {NPOS + 1} positions exceeds the LM's block_size {NPOS}"):
+        model.generate(random_ids(1, NPOS - 4), 5)  # learned positions end at block_size
+    assert model.generate(random_ids(1, NPOS - 4), 4, temperature=0).shape == (1, NPOS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -239,6 +239,7 @@ def test_each_row_stops_at_its_own_eos():
     calls.clear()
     assert model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=first) == [[]]
     assert len(calls) == 1  # the prefill only
+    assert model.generate_ids(batch, max_new_tokens=0) == [[], []]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
