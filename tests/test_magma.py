@@ -13,7 +13,7 @@ from PIL import Image
 
 from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
-from gpt import GPT, GPTConfig, sample_next
+from gpt import GPT, DecodeStep, GPTConfig, sample_next
 from magma import ImagePrefix, Magma, MagmaConfig, main
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import OPENAI_NAMES, ViTConfig, rename
@@ -240,6 +240,30 @@ def test_each_row_stops_at_its_own_eos():
     assert model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=first) == [[]]
     assert len(calls) == 1  # the prefill only
     assert model.generate_ids(batch, max_new_tokens=0) == [[], []]
+
+
+def test_training_loss_and_decode_step_trace_as_one_graph(monkeypatch):
+    """No host read mid-step: torch.compile sees the training forward and a decode step each as one
+    graph (a mask selection would split the first, a Python cache length the second)."""
+    import torch._dynamo
+    monkeypatch.setenv("MAGMA_ATTENTION", "sdpa")
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    ids, mask = captions(model.tokenizer, ["hello", "hi"])
+    torch._dynamo.reset()
+    try:
+        loss = torch._dynamo.explain(model)(pixels(2), ids, mask)
+        lm = model.lm.eval()
+        prompt = torch.ones(2, 4, dtype=torch.bool)
+        prompt[0, :2] = False
+        with torch.no_grad():
+            cache = lm.new_cache(2, 8)
+            lm(torch.zeros(2, 4, dtype=torch.long), key_padding_mask=prompt, cache=cache)
+            step = DecodeStep(lm, cache, prompt)
+            decode = torch._dynamo.explain(lm.decode_step)(step.ids, cache, step.mask, step.slot)
+    finally:
+        torch._dynamo.reset()
+    assert (loss.graph_count, loss.graph_break_count) == (1, 0), loss.break_reasons
+    assert (decode.graph_count, decode.graph_break_count) == (1, 0), decode.break_reasons
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
