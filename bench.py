@@ -252,6 +252,7 @@ TRAIN_VARIANTS = {
     "ours-sdpa": ("ours", "bf16", "sdpa", False),
     "ours": ("ours", "bf16", "auto", False),
     "ours-compile": ("ours", "bf16", "auto", True),
+    "ours-sdpa-compile": ("ours", "bf16", "sdpa", True),  # in case the Triton kernel splits the compiled graph
 }
 # name: (assembly, attention impl, decode step replayed as a CUDA graph (gpt.DecodeStep))
 GENERATE_VARIANTS = {
