@@ -5,6 +5,7 @@
     python bench.py train [--json train.json]      # MAGMA training step vs the transformers assembly
     python bench.py generate [--json gen.json]     # greedy decoding, batch 1 and 32, vs transformers' generate
     python bench.py big [--json big.json]          # GPT-J-sized LM + ViT-L/14 at the largest batch that fits
+    python bench.py all [--json-dir bench_results] # the four above in turn, each JSON saved as it ends
     (each of them also takes --cpu-smoke)
 
 Each subcommand is one function `bench_<name>(args)` returning a payload {"rows": [...], "columns":
@@ -24,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import asdict, replace
 
@@ -786,7 +788,29 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_big)
+    p = sub.add_parser("all", help="attention, train, generate and big with their defaults, one after another; "
+                                   "each JSON is written as soon as its benchmark ends, and a failure in one "
+                                   "does not stop the others")
+    p.add_argument("--json-dir", default="bench_results", help="folder for attention.json, train.json, ...")
+    p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+    p.set_defaults(func=None)
     args = parser.parse_args(argv)
+
+    if args.command == "all":
+        os.makedirs(args.json_dir, exist_ok=True)
+        failed = []
+        for name in ("attention", "train", "generate", "big"):
+            print(f"== bench.py {name}", file=sys.stderr, flush=True)
+            try:
+                main([name, "--json", os.path.join(args.json_dir, f"{name}.json")]
+                     + (["--cpu-smoke"] if args.cpu_smoke else []))
+            except Exception:  # e.g. out of memory or a kernel failing to compile: the next still runs
+                traceback.print_exc()
+                failed.append(name)
+        if failed:
+            raise SystemExit(f"bench.py all: {', '.join(failed)} failed (tracebacks above); "
+                             f"the others' JSON is in {args.json_dir}")
+        return
 
     payload = {"environment": environment(), **args.func(args)}
     env = payload["environment"]

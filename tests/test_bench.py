@@ -6,6 +6,7 @@ give the same loss and gradients (fp32) and the same greedy tokens; and train_fl
 the matmuls that run (torch's FlopCounterMode).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -153,3 +154,13 @@ def test_train_flops_counts_the_matmuls_that_run(monkeypatch):
     # the reference attention: QK^T and PV (4 S^2 d per layer) forward, twice that backward
     S = I + T
     assert attention == B * 12 * (S * S * lm.n_embd * lm.n_layer + I * I * vit.width * vit.layers)
+
+
+def test_all_runs_each_benchmark_and_keeps_going_after_a_failure(tmp_path, monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(bench, "bench_train", broken)
+    with pytest.raises(SystemExit, match="train failed"):
+        bench.main(["all", "--cpu-smoke", "--json-dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["attention.json", "big.json", "generate.json"]
+    assert "out of memory (simulated)" in capsys.readouterr().err
