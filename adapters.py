@@ -212,6 +212,15 @@ def freeze(module):
     return module
 
 
+def cast_frozen(module, dtype):
+    """Hold the frozen parameters of `module` in `dtype` (e.g. a frozen LM in bf16, so autocast does not
+    cast its weights again at every matmul); trainable ones, the adapters, keep theirs. Returns module."""
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return module
+
+
 def trainable_parameters(module):
     """The parameters of `module` that require gradients."""
     return [p for p in module.parameters() if p.requires_grad]

@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import asdict, replace
 
@@ -104,10 +103,12 @@ def write_json(path, payload):
 # bench.py attention
 # ------------------------------------------------------------------------------------------------
 
-# name, B, H, Tq, Tk, D, causal (the shapes the models run: issue 3)
+# name, B, H, Tq, Tk, D, causal (the shapes the models run: issue 3). Issue 3's "gptj" row has head
+# dim 128; GPT-J 6B itself has 16 heads of 256 (what `bench.py big` runs), hence "gptj-d256".
 ATTENTION_SHAPES = [
     ("gpt2", 8, 12, 1024, 1024, 64, True),
     ("gptj", 4, 16, 2048, 2048, 128, True),
+    ("gptj-d256", 4, 16, 2048, 2048, 256, True),
     ("vit-b16", 64, 12, 197, 197, 64, False),
     ("vit-l14-336", 16, 16, 577, 577, 64, False),
     ("long", 2, 16, 8192, 8192, 64, True),
@@ -315,6 +316,12 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
+def failure_note(e):
+    """One line for a row whose run raised: the exception's type and first line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"failed: {type(e).__name__}: {first}"[:160]
+
+
 @contextlib.contextmanager
 def attention_impl(impl):
     """Force attention.py's implementation (it reads MAGMA_ATTENTION at every call) inside the block."""
@@ -338,14 +345,6 @@ def default_dtype(dtype):
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-def cast_frozen(module, dtype):
-    """Hold the frozen parameters of `module` in `dtype`; trainable ones (the adapters) keep theirs."""
-    for p in module.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-    return module
 
 
 class IdTokenizer:
@@ -565,6 +564,7 @@ def train_inputs(batch, image_size, text_len, vocab, device):
 
 def bench_train(args):
     """One MAGMA training step (GPT-2 124M frozen + adapters, ViT-B/16, prefix), ours vs transformers."""
+    from adapters import cast_frozen
     device = bench_device("train", args)
     smoke = args.cpu_smoke
     batch, text_len, warmup, iters = (2, 8, 0, 2) if smoke else (args.batch_size, args.text_len, args.warmup, args.iters)
@@ -589,7 +589,7 @@ def bench_train(args):
         oom = False
         try:
             model = copy.deepcopy(masters[assembly])
-            cast_frozen(model.lm, DTYPES[lm_weights])
+            cast_frozen(model.lm, DTYPES[lm_weights])  # adapters.cast_frozen, as train.py --lm_dtype does
             model.to(device).train()
             with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
                 row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters)
@@ -597,8 +597,8 @@ def bench_train(args):
             row["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
             oom = True
-        except RuntimeError as e:  # e.g. a torch.compile failure: recorded, the other rows still run
-            row["note"] = f"failed: {str(e).strip().splitlines()[0]}"[:120]
+        except Exception as e:  # a torch.compile or Triton failure: recorded, the other rows still run
+            row["note"] = failure_note(e)
         model = None  # free this row's copy before the next one is built
         if oom:
             row["note"] = "out of memory"
@@ -647,13 +647,16 @@ def bench_generate(args):
                 row["note"] = "eager: CUDA graphs are left out of the CPU smoke run"
             rows.append(row)
             free_memory()
-            with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
-                fn = lambda: runs[assembly](pixels, prompt, graph)
-                tokens = fn()
-                if any(len(t) != new for t in tokens):
-                    raise RuntimeError(f"bench.py generate: {name} produced {[len(t) for t in tokens]} tokens, "
-                                       f"expected {new} per row")
-                ms = time_ms(fn, warmup, iters, device.type == "cuda")
+            try:
+                with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
+                    fn = lambda: runs[assembly](pixels, prompt, graph)
+                    tokens = fn()
+                    if any(len(t) != new for t in tokens):
+                        raise RuntimeError(f"{name} produced {[len(t) for t in tokens]} tokens, expected {new} per row")
+                    ms = time_ms(fn, warmup, iters, device.type == "cuda")
+            except Exception as e:  # out of memory, a failed graph capture, ...: recorded, the next row runs
+                row["note"] = failure_note(e)
+                continue
             row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), peak_gib=peak_gib(device))
             if name == "transformers":
                 reference = tokens
@@ -662,7 +665,7 @@ def bench_generate(args):
         print(f"  batch {B} done", file=sys.stderr, flush=True)
     for r in rows:
         base = next((b for b in rows if b["batch"] == r["batch"] and b["variant"] == "transformers"), None)
-        if base is not None:
+        if base is not None and "tokens_per_s" in base and "tokens_per_s" in r:
             r["x_vs_tf"] = r["tokens_per_s"] / base["tokens_per_s"]
     columns = ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step", "tokens_per_s",
                "x_vs_tf", "agree", "peak_gib", "note"]
@@ -718,21 +721,23 @@ def bench_big(args):
         oom = False
         try:
             inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
-            row["loss0"], ms = timed_training(model, inputs, False, warmup, iters)
+            _, ms = timed_training(model, inputs, False, warmup, iters)  # (one model trains on: no loss0 column)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
             row["peak_gib"] = peak_gib(device)
             largest = batch
         except torch.cuda.OutOfMemoryError:
             oom = True  # handled below, once the exception (and the frames it holds) is gone
+        except Exception as e:  # e.g. a Triton kernel for GPT-J's head dim 256 failing: no larger batch
+            row["note"] = failure_note(e)
         inputs = None
-        print(f"  batch {batch} {'out of memory' if oom else 'done'}", file=sys.stderr, flush=True)
-        if oom:
-            row["note"] = "out of memory"
+        print(f"  batch {batch} {'out of memory' if oom else row.get('note', 'done')}", file=sys.stderr, flush=True)
+        if oom or "note" in row:
+            row["note"] = row.get("note", "out of memory")
             model.zero_grad(set_to_none=True)
             break
         batch *= 2
     free_memory()
-    columns = ["batch", "loss0", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
+    columns = ["batch", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
                "note"]
     return {"benchmark": "big", "dtype": "frozen LM bf16, ViT/prefix/adapters fp32, bf16 autocast",
             "shape": {"image_tokens": image_tokens, "text_tokens": text_len, "lm": asdict(lm_config),
@@ -744,6 +749,37 @@ def bench_big(args):
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+
+QUICK = {  # bench.py all --quick: the options each benchmark gets
+    "attention": ["--warmup", "3", "--iters", "20"],
+    "train": ["--warmup", "2", "--iters", "10"],
+    "generate": ["--new-tokens", "64", "--iters", "3"],
+    "big": ["--max-batch", "64", "--warmup", "1", "--iters", "3"],
+}
+
+
+def run_all(args):
+    """bench.py all: each benchmark as `python bench.py NAME --json DIR/NAME.json` in a child process."""
+    import subprocess
+    os.makedirs(args.json_dir, exist_ok=True)
+    failed = []
+    for name in QUICK:
+        cmd = [sys.executable, os.path.abspath(__file__), name, "--json", os.path.join(args.json_dir, f"{name}.json")]
+        cmd += ["--cpu-smoke"] if args.cpu_smoke else QUICK[name] if args.quick else []
+        print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            code = subprocess.run(cmd, timeout=args.timeout_each).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {args.timeout_each} s"
+        print(f"== {name}: {'ok' if code == 0 else f'failed ({code})'} in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+        if code != 0:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"bench.py all: {', '.join(failed)} failed (see above); the others' JSON is in "
+                         f"{args.json_dir}")
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Measured speed of this codebase's pieces.")
@@ -788,28 +824,19 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_big)
-    p = sub.add_parser("all", help="attention, train, generate and big with their defaults, one after another; "
-                                   "each JSON is written as soon as its benchmark ends, and a failure in one "
-                                   "does not stop the others")
+    p = sub.add_parser("all", help="attention, train, generate and big one after another, each in its own "
+                                   "process (a CUDA error in one cannot spoil the next) with its JSON written "
+                                   "as it ends; a failure or timeout in one does not stop the others")
     p.add_argument("--json-dir", default="bench_results", help="folder for attention.json, train.json, ...")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer iterations, generation of 64 tokens, batches up to 64 in big: about half the time")
+    p.add_argument("--timeout-each", type=positive_int, help="seconds each benchmark may run (default: no limit)")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=None)
     args = parser.parse_args(argv)
 
     if args.command == "all":
-        os.makedirs(args.json_dir, exist_ok=True)
-        failed = []
-        for name in ("attention", "train", "generate", "big"):
-            print(f"== bench.py {name}", file=sys.stderr, flush=True)
-            try:
-                main([name, "--json", os.path.join(args.json_dir, f"{name}.json")]
-                     + (["--cpu-smoke"] if args.cpu_smoke else []))
-            except Exception:  # e.g. out of memory or a kernel failing to compile: the next still runs
-                traceback.print_exc()
-                failed.append(name)
-        if failed:
-            raise SystemExit(f"bench.py all: {', '.join(failed)} failed (tracebacks above); "
-                             f"the others' JSON is in {args.json_dir}")
+        run_all(args)
         return
 
     payload = {"environment": environment(), **args.func(args)}

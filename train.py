@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-from adapters import AdapterConfig, adapter_parameters, adapter_report
+from adapters import AdapterConfig, adapter_parameters, adapter_report, cast_frozen
 from gpt import GPT, GPTConfig
 from magma import Magma, MagmaConfig, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
@@ -112,6 +112,9 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     # machinery
     precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU that has it, else fp32)")
+    lm_dtype: str = opt("auto", "auto | fp32 | bf16 | fp16: the dtype the frozen LM's weights are held in in "
+                                "stage 2 (auto: the autocast dtype of --precision, so its weights are not cast "
+                                "again at every matmul; without autocast, the dtype they were loaded in)")
     tf32: bool = opt(True, "allow TF32 matmuls on GPUs that have them")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
@@ -202,6 +205,8 @@ def check_config(cfg):
             bad(name, "must be >= 0")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         bad("precision", "choose auto, fp32, bf16 or fp16")
+    if cfg.lm_dtype not in ("auto", "fp32", "bf16", "fp16"):
+        bad("lm_dtype", "choose auto, fp32, bf16 or fp16")
     if cfg.schedule not in ("cosine", "linear", "constant"):
         bad("schedule", "choose cosine, linear or constant")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -274,6 +279,13 @@ def autocast_dtype(cfg, device):
     if p == "auto":
         p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def frozen_lm_dtype(cfg, device):
+    """The dtype to hold the frozen LM's weights in (--lm_dtype), or None to leave them as loaded."""
+    if cfg.lm_dtype == "auto":
+        return autocast_dtype(cfg, device)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.lm_dtype]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -910,6 +922,9 @@ def main(argv=None):
         start_step = 0
     model.to(dist.device)
     freeze_unused(model)
+    lm_dtype = frozen_lm_dtype(cfg, dist.device)
+    if lm_dtype is not None:  # after Magma recorded its base fingerprint, so checkpoints still match the source
+        cast_frozen(model.lm, lm_dtype)
     if cfg.grad_checkpointing:
         checkpoint_blocks(list(model.lm.transformer.h) + list(model.vit.blocks))
     torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on

@@ -193,6 +193,18 @@ def test_mixed_precision_runs_a_step_on_cpu(tmp_path, precision):
         assert scaler["scale"] > 0  # the GradScaler was in use
     else:
         assert not scaler  # bf16 needs no scaling: a disabled scaler saves an empty state
+    # --lm_dtype=auto held the frozen LM in the autocast dtype; the adapters stayed fp32
+    saved = state(tmp_path)["state_dict"]
+    half = DTYPES[precision]
+    assert saved["lm.transformer.h.0.attn.module.c_attn.weight"].dtype == half
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if ".adapter." in k)
+    model = magma.Magma.load(str(tmp_path / "ckpt.pt"))  # and the checkpoint loads and captions
+    assert len(model.generate_ids([[torch.zeros(3, 32, 32)]], max_new_tokens=3, temperature=0)) == 1
+    train.main(args(tmp_path / "fp32lm", precision=precision, lm_dtype="fp32", steps=1))
+    assert state(tmp_path / "fp32lm")["state_dict"]["lm.transformer.h.0.attn.module.c_attn.weight"].dtype == torch.float32
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _jsonl_with_bad_images(root):
