@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ------------------------------------------------------------------------------------------------
 # Shared: timing, environment, table, JSON
 # ------------------------------------------------------------------------------------------------
+
+# The rows the running benchmark has measured so far (each bench_* function fills the list new_rows()
+# gives it): main() still prints and saves them when the run is interrupted (Ctrl-C, or the time limit
+# of `bench.py all --timeout-each`), so a run cut short keeps what it measured.
+_ROWS = []
+
+
+def new_rows():
+    global _ROWS
+    _ROWS = []
+    return _ROWS
+
 
 def time_ms(fn, warmup, iters, cuda):
     """Median wall time of fn() in milliseconds (CUDA events on a GPU, perf_counter on CPU)."""
@@ -184,7 +197,7 @@ def bench_attention(args):
     if args.shapes:
         shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
     warmup, iters = (args.warmup, args.iters) if cuda else (0, 1)
-    rows = []
+    rows = new_rows()
     for name, B, H, Tq, Tk, D, causal in shapes:
         decode = Tq == 1
         g = torch.Generator(device=device).manual_seed(0)
@@ -577,7 +590,7 @@ def bench_train(args):
     from train import peak_tflops  # one table of GPU peaks, shared with the training progress bar
     flops, peak = sum(parts.values()), peak_tflops(device)
     inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
-    rows = []
+    rows = new_rows()
     for name in names:
         assembly, lm_weights, impl, compile_ = TRAIN_VARIANTS[name]
         row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "compile": compile_}
@@ -634,7 +647,7 @@ def bench_generate(args):
     theirs.to(device, dtype).eval()
     runs = {"ours": lambda px, ids, graph: ours_generate_ids(ours, px, ids, new, graph and not smoke),
             "transformers": lambda px, ids, graph: theirs.generate_ids(px, ids, new)}
-    rows = []
+    rows = new_rows()
     for B in batches:
         g = torch.Generator().manual_seed(B)
         pixels = torch.randn(B, 3, vit_config.image_size, vit_config.image_size, generator=g).to(device, dtype)
@@ -713,7 +726,7 @@ def bench_big(args):
     flops, peak = sum(parts.values()), peak_tflops(device)
     n_lm = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows, batch, largest = [], 1, None
+    rows, batch, largest = new_rows(), 1, None
     while batch <= max_batch:
         row = {"batch": batch}
         rows.append(row)
@@ -768,9 +781,16 @@ def run_all(args):
         cmd += ["--cpu-smoke"] if args.cpu_smoke else QUICK[name] if args.quick else []
         print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        child = subprocess.Popen(cmd)
         try:
-            code = subprocess.run(cmd, timeout=args.timeout_each).returncode
-        except subprocess.TimeoutExpired:
+            code = child.wait(timeout=args.timeout_each)
+        except subprocess.TimeoutExpired:  # Ctrl-C for the child: it saves the rows it has, then exits
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
             code = f"timed out after {args.timeout_each} s"
         print(f"== {name}: {'ok' if code == 0 else f'failed ({code})'} in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
@@ -839,13 +859,22 @@ def main(argv=None):
         run_all(args)
         return
 
-    payload = {"environment": environment(), **args.func(args)}
+    interrupted = False
+    try:
+        payload = {"environment": environment(), **args.func(args)}
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: keeping the rows measured so far", file=sys.stderr, flush=True)
+        payload = {"environment": environment(), "benchmark": args.command, "interrupted": True,
+                   "columns": list(dict.fromkeys(k for r in _ROWS for k in r)), "rows": _ROWS}
     env = payload["environment"]
     print(f"{payload['benchmark']} on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{payload.get('dtype', '')}")
     print_table(payload["rows"], payload["columns"])
     if args.json:
         write_json(args.json, payload)
+    if interrupted:
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,24 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatc
     payload = run(tmp_path, "big")
     assert [r["batch"] for r in payload["rows"]] == [1, 2] and payload["largest_batch"] == 1
     assert payload["rows"][1]["note"].startswith("failed: ValueError")
+
+
+def test_an_interrupted_benchmark_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    real, calls = bench.ours_generate_ids, []
+
+    def interrupted_on_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or bench.py all's time limit
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench, "ours_generate_ids", interrupted_on_the_third_call)
+    path = tmp_path / "generate.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["generate", "--cpu-smoke", "--variants", "transformers,ours", "--json", str(path)])
+    assert e.value.code == 130
+    payload = json.loads(path.read_text())
+    assert payload["interrupted"] and payload["benchmark"] == "generate"
+    rows = payload["rows"]
+    assert [(r["batch"], r["variant"]) for r in rows] == [(1, "transformers"), (1, "ours"), (2, "transformers"),
+                                                         (2, "ours")]
+    assert all("tokens_per_s" in r for r in rows[:3]) and "tokens_per_s" not in rows[3]
