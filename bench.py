@@ -23,6 +23,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +99,9 @@ def fmt(x):
 
 def print_table(rows, columns):
     """Print rows (dicts) as an aligned text table with the given columns."""
+    if not rows:
+        print("(no rows)")
+        return
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -771,9 +775,18 @@ QUICK = {  # bench.py all --quick: the options each benchmark gets
 }
 
 
+def stop_child(child, grace=30):
+    """Ctrl-C for a child benchmark (it saves its rows and exits); killed if it is not gone in `grace` s."""
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def run_all(args):
     """bench.py all: each benchmark as `python bench.py NAME --json DIR/NAME.json` in a child process."""
-    import subprocess
     os.makedirs(args.json_dir, exist_ok=True)
     failed = []
     for name in QUICK:
@@ -784,13 +797,10 @@ def run_all(args):
         child = subprocess.Popen(cmd)
         try:
             code = child.wait(timeout=args.timeout_each)
-        except subprocess.TimeoutExpired:  # Ctrl-C for the child: it saves the rows it has, then exits
-            child.send_signal(signal.SIGINT)
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
+            stop_child(child)  # it saves the rows it has measured, then exits
+            if isinstance(e, KeyboardInterrupt):
+                raise SystemExit(f"bench.py all: interrupted during {name}; the JSON so far is in {args.json_dir}")
             code = f"timed out after {args.timeout_each} s"
         print(f"== {name}: {'ok' if code == 0 else f'failed ({code})'} in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
@@ -854,6 +864,7 @@ def main(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=None)
     args = parser.parse_args(argv)
+    new_rows()
 
     if args.command == "all":
         run_all(args)
@@ -878,4 +889,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Ctrl-C and SIGTERM (a time limit) both raise KeyboardInterrupt, which saves the rows measured so
+    # far, even in a process started with SIGINT ignored (as `cmd &` in a script does).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

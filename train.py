@@ -283,9 +283,17 @@ def autocast_dtype(cfg, device):
 
 def frozen_lm_dtype(cfg, device):
     """The dtype to hold the frozen LM's weights in (--lm_dtype), or None to leave them as loaded."""
+    amp = autocast_dtype(cfg, device)
     if cfg.lm_dtype == "auto":
-        return autocast_dtype(cfg, device)
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.lm_dtype]
+        return amp
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.lm_dtype]
+    if dtype != torch.float32 and dtype != amp:
+        # The LM's activations come out in its dtype: autocast in another half dtype cannot mix them
+        # with the image prefix, and without autocast (or its GradScaler) fp16 gradients underflow.
+        raise SystemExit(f"train.py: error: --lm_dtype={cfg.lm_dtype} needs --precision={cfg.lm_dtype} "
+                         f"(the precision here is {'fp32' if amp is None else str(amp).split('.')[-1]}); "
+                         f"use --lm_dtype=auto or fp32")
+    return dtype
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -888,6 +896,7 @@ def main(argv=None):
         raise SystemExit(f"train.py: error: {ckpt_path} holds a run already: continue it with --resume, start "
                          f"over with --overwrite, or pick another --out_dir")
     dist = setup(cfg)
+    frozen_lm_dtype(cfg, dist.device)  # --lm_dtype checked against --precision before any work
     if dist.main:
         os.makedirs(cfg.out_dir, exist_ok=True)
     dist.barrier()
@@ -920,11 +929,11 @@ def main(argv=None):
                         save_lm(lm_path, lm, cfg)
         model = Magma(magma_config(cfg, lm), lm=lm, tokenizer=tokenizer)
         start_step = 0
-    model.to(dist.device)
     freeze_unused(model)
     lm_dtype = frozen_lm_dtype(cfg, dist.device)
     if lm_dtype is not None:  # after Magma recorded its base fingerprint, so checkpoints still match the source
         cast_frozen(model.lm, lm_dtype)
+    model.to(dist.device)
     if cfg.grad_checkpointing:
         checkpoint_blocks(list(model.lm.transformer.h) + list(model.vit.blocks))
     torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on

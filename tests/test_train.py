@@ -201,6 +201,9 @@ def test_mixed_precision_runs_a_step_on_cpu(tmp_path, precision):
     model = magma.Magma.load(str(tmp_path / "ckpt.pt"))  # and the checkpoint loads and captions
     assert len(model.generate_ids([[torch.zeros(3, 32, 32)]], max_new_tokens=3, temperature=0)) == 1
     train.main(args(tmp_path / "fp32lm", precision=precision, lm_dtype="fp32", steps=1))
+    other = "fp16" if precision == "bf16" else "bf16"
+    with pytest.raises(SystemExit, match=f"--lm_dtype={other} needs --precision={other}"):
+        train.main(args(tmp_path / "mixed", precision=precision, lm_dtype=other))
     assert state(tmp_path / "fp32lm")["state_dict"]["lm.transformer.h.0.attn.module.c_attn.weight"].dtype == torch.float32
 
 
