@@ -519,6 +519,10 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="hold the whole model in this dtype (bf16 halves the memory of a large LM)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="record the decode step once as a CUDA graph and replay it per token (GPU only)")
     args = parser.parse_args(argv)
     if not args.items:
         parser.error("give at least one --image or --prompt")
@@ -531,9 +535,12 @@ def main(argv=None):
         parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA --device")
     try:
         example = [load_image(value) if kind == "image" else value for kind, value in args.items]
-        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(device, dtype)
         generator = None
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -544,7 +551,7 @@ def main(argv=None):
             limit = getattr(model.lm.config, "block_size", None) or prompt_len + 100
             max_new_tokens = max(1, min(100, limit - prompt_len))
         text = model.generate([example], max_new_tokens=max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, generator=generator)[0]
+                              top_k=args.top_k, top_p=args.top_p, generator=generator, cuda_graph=args.cuda_graph)[0]
     except (OSError, ValueError, ImageError) as e:
         print(f"magma.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -443,6 +443,10 @@ def test_command_line(tmp_path, capsys):
                  "--image", str(tmp_path / "a.png"), "--temperature", "0", "--max-new-tokens", "5"])
     pix = clip_preprocess(image, 16)
     assert text == model.generate([["x", pix, "A", pix]], max_new_tokens=5, temperature=0)[0]
+    # the whole model in bf16: what the bf16 copy of the model says
+    text = main(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--temperature", "0",
+                 "--max-new-tokens", "5", "--dtype", "bf16"])
+    assert text == copy.deepcopy(model).to(torch.bfloat16).generate([[pix]], max_new_tokens=5, temperature=0)[0]
     capsys.readouterr()
 
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
@@ -453,6 +457,8 @@ def test_command_line(tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "none.pt"),
         (["--checkpoint", str(tmp_path / "bad.pt"), "--prompt", "x"], "bad.pt"),  # torch's error: many lines
         (["--prompt", "x", "--device", "tpu9"], "--device 'tpu9'"),
+        (["--prompt", "x", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA --device"),
+        (["--prompt", "x", "--dtype", "fp8"], "--dtype"),
     ]
     if not torch.cuda.is_available():
         errors.append((["--prompt", "x", "--device", "cuda"], "no CUDA GPU"))
