@@ -81,6 +81,7 @@ import functools
 import math
 import os
 import types
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -604,7 +605,7 @@ def _launch(name, block_d, grid, args, consts):
 
 
 # ------------------------------------------------------------------------------------------------
-# Host side: checks, the forward/backward launchers and the autograd Function
+# Host side: checks, the forward/backward launchers and their autograd wiring (custom operators)
 # ------------------------------------------------------------------------------------------------
 
 def _bucket(n):
@@ -648,7 +649,9 @@ def _as_kpm(key_padding_mask, q):
     """The (B, Tk) mask as contiguous uint8 (1 = keep) on q's device, and its batch stride."""
     if key_padding_mask is None:
         return q, 0  # a dummy pointer; HAS_KPM=False means it is never read
-    kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).to(torch.uint8).contiguous()
+    kpm = key_padding_mask
+    if kpm.dtype != torch.uint8 or kpm.device != q.device or not kpm.is_contiguous():
+        kpm = kpm.to(device=q.device, dtype=torch.bool).to(torch.uint8).contiguous()
     return kpm, kpm.stride(0)
 
 
@@ -738,33 +741,64 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-class _FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, o, lse2); backward runs the three kernels."""
+# The autograd wiring: two custom operators (torch.library) and the rule that connects them. To
+# torch.compile each operator is one opaque node with a known output shape, so a compiled model keeps
+# the kernel and is not split into pieces around the Triton launches and the autotuner; autograd calls
+# the backward operator with what the forward saved: q, k, v, o and the row log-sum-exp.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, key_padding_mask, scale):
-        kpm, kpm_stride = _as_kpm(key_padding_mask, q)
-        with _device_guard(q):
-            o, lse2 = _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
-        ctx.save_for_backward(q, k, v, o, lse2, kpm if key_padding_mask is not None else None)
-        ctx.causal, ctx.scale, ctx.kpm_stride = causal, scale, kpm_stride
-        return o
+@torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
+                causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """o (like q) and lse2 (B, H, Tq) fp32; kpm is the uint8 (B, Tk) mask or None."""
+    kpm, kpm_stride = _as_kpm(kpm, q)
+    with _device_guard(q):
+        return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse2, kpm = ctx.saved_tensors
-        kpm = q if kpm is None else kpm
-        with _device_guard(q):
-            dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, ctx.causal, kpm, ctx.kpm_stride,
-                                         ctx.scale, need_dq=ctx.needs_input_grad[0])
-        return dq, dk, dv, None, None, None
+
+@_forward_op.register_fake
+def _(q, k, v, kpm, causal, scale):  # shapes only, for torch.compile's tracing
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("magma::flash_attention_backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse2: torch.Tensor, kpm: Optional[torch.Tensor], causal: bool, scale: float,
+                 need_dq: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (empty when not needed), dk, dv."""
+    kpm, kpm_stride = _as_kpm(kpm, q)
+    with _device_guard(q):
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq)
+    return (dq if need_dq else q.new_empty(0)), dk, dv
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, o, lse2, kpm, causal, scale, need_dq):
+    return (torch.empty_like(q) if need_dq else q.new_empty(0)), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kpm, causal, scale = inputs
+    o, lse2 = output
+    ctx.save_for_backward(q, k, v, o, lse2, kpm)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, do, _dlse2):  # lse2 is an internal output: its gradient is never used
+    q, k, v, o, lse2, kpm = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq)
+    return (dq if need_dq else None), dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     """The fused Triton kernel (forward and backward) with the semantics of attention_reference."""
     _flash_check(q, k, v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _FlashAttention.apply(q, k, v, bool(causal), key_padding_mask, scale)  # (B, H, Tq, D)
+    kpm = None if key_padding_mask is None else _as_kpm(key_padding_mask, q)[0]  # uint8, converted once
+    return _forward_op(q, k, v, kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
 
 
 def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):

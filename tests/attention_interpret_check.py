@@ -7,8 +7,8 @@ this file in a fresh subprocess instead of importing the kernel into the pytest 
 compares attention.flash_attention with attention.attention_reference: the forward and dq, dk, dv
 in fp32 (max abs error <= 1e-4; the interpreter's fp32 dot is an exact numpy matmul), and in fp16
 by FlashAttention's rule (at most twice the error of plain PyTorch in fp16, plus 1e-4), against
-the fp32 reference. Rows that see no key must be exactly 0, with exactly 0 gradient. Two extra
-checks: flash-decoding with forced split counts, and the autotuned launch path. The
+the fp32 reference. Rows that see no key must be exactly 0, with exactly 0 gradient. Three extra
+checks: flash-decoding with forced split counts, the autotuned launch path, and torch.compile. The
 interpreter runs one program at a time, so the shapes are tiny; with its 32x16 blocks they still
 span several blocks (full, diagonal, ragged and skipped ones). bf16 is left to the GPU tests: the
 interpreter mishandles bf16 dots.
@@ -189,7 +189,35 @@ def run_autotune_check(torch, A):
     return res
 
 
-EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check}
+def run_compile_check(torch, A):
+    """torch.compile sees flash_attention as one opaque operator: one graph, no break (the kernel is
+    not traced into), torch.library.opcheck accepts the operator (schema, fake tensors, autograd
+    registration), and a compiled forward+backward (aot_eager backend) equals the eager one exactly."""
+    import torch._dynamo
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 21, 16, generator=g, requires_grad=True) for _ in range(3))
+    kpm = torch.ones(2, 21, dtype=torch.bool)
+    kpm[1, :4] = False
+
+    def loss(q, k, v, kpm):
+        return A.flash_attention(q, k, v, True, kpm).square().sum()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(q, k, v, kpm)
+    checks = torch.library.opcheck(A._forward_op, (q, k, v, A._as_kpm(kpm, q)[0], True, 0.25))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, kpm), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v, kpm), (q, k, v))
+    torch._dynamo.reset()
+    res = {"case": "torch_compile_one_opaque_op", "graphs": explained.graph_count,
+           "graph_breaks": explained.graph_break_count, "opcheck": checks,
+           "compiled_grad_diff": max((a - b).abs().max().item() for a, b in zip(got, want))}
+    res["ok"] = (res["graphs"] == 1 and res["graph_breaks"] == 0 and set(checks.values()) == {"SUCCESS"}
+                 and res["compiled_grad_diff"] == 0.0)
+    return res
+
+
+EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
+                "torch_compile_one_opaque_op": run_compile_check}
 
 
 def main(argv=None):
