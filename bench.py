@@ -747,9 +747,10 @@ def bench_big(args):
         except Exception as e:  # e.g. a Triton kernel for GPT-J's head dim 256 failing: no larger batch
             row["note"] = failure_note(e)
         inputs = None
-        print(f"  batch {batch} {'out of memory' if oom else row.get('note', 'done')}", file=sys.stderr, flush=True)
-        if oom or "note" in row:
-            row["note"] = row.get("note", "out of memory")
+        if oom:
+            row["note"] = "out of memory"
+        print(f"  batch {batch} {row.get('note', 'done')}", file=sys.stderr, flush=True)
+        if "note" in row:  # out of memory or failed: no larger batch
             model.zero_grad(set_to_none=True)
             break
         batch *= 2

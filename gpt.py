@@ -8,8 +8,8 @@ GPT-NeoX: the same parallel sum with two norms, or GPT-2's sequential wiring. GP
 positions by rotating q and k (rotary embedding) instead of adding a learned table.
 
 The file reads top to bottom: config, rotary embedding, the model (KV cache, generation), the
-fixed-shape decode step (CUDA graphs), sampling,
-checkpoint readers, the Hugging Face loaders (one name table per family), and the command line
+fixed-shape decode step (CUDA graphs), sampling, checkpoint readers, the Hugging Face loaders (one
+name table per family), and the command line
 
     python gpt.py PATH --prompt "Hello" [--compare]     # sanity check of a downloaded checkpoint
 """
