@@ -533,13 +533,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
 # streams. These are the usual H100 choices for FlashAttention in Triton (not measured here); on
 # CUDA the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and
 # keeps the fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. Every bf16 entry was compiled
-# offline for sm_90a with Triton 3.9 (triton.compile to PTX, then `ptxas -v` from its wheel, CUDA
-# 13.4; no GPU needed), without and with the causal mask and key padding: all fit in shared memory
-# (at most 96 KiB of 227). The first entry of each list (the no-autotune choice) spills no register
-# except at D = 128 (up to 128 bytes) and for dQ at D = 256 (up to 40); other entries spill up to
-# 620 bytes (forward, D = 128, (128, 128, 8, 2)) and 1.2 KB (dQ, D = 256, (64, 16, 4, 2)), which the
-# autotuner weighs by measuring. Register use depends on the ptxas version: these counts are this
-# toolchain's, not those of a GPU machine with another Triton.
+# offline for sm_90a (triton.compile to PTX, then `ptxas -v` from the Triton wheel; no GPU needed),
+# without and with the causal mask and key padding, under Triton 3.9 (CI's) and 3.6 (the one that
+# ships with PyTorch 2.11 on the GPU machine): all compile and fit in shared memory (at most 96 KiB of
+# 227). Spills depend on the toolchain; 3.6 needs more registers. Under 3.9 the first entry of each
+# list (the no-autotune choice) spills no register except at D = 128 (up to 128 bytes) and for dQ at
+# D = 256 (up to 40); under 3.6 the first entries at D <= 64 spill at most 8 bytes, at D = 128 up to
+# 40 (forward) and 88 (dK/dV), at D = 256 up to 112 (forward) and 672 (dQ). Other entries spill up to
+# 1.5 KB under 3.6 (forward, D = 128, (128, 128, 8, 2)); the autotuner weighs that by measuring.
 # The interpreter uses small blocks so that tiny test shapes span several blocks and every loop.
 # ------------------------------------------------------------------------------------------------
 
@@ -569,7 +570,12 @@ DQ_CONFIGS = {
 FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 FP32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-DECODE_BLOCK_N = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}  # keys per step of a decode program
+# A decode program holds a (BLOCK_N, D) tile of keys and one of values in fp32 registers: 4096 // D keys
+# per step over 8 warps is 16 elements of each per thread, which compiles without register spills for
+# sm_90a under both Triton 3.6 and 3.9 at every head dim (checked offline as above). The earlier
+# choice, 128 // 64 // 32 keys with 4 warps at D = 64 // 128 // 256, spilled 104-320 bytes under 3.6.
+DECODE_BLOCK_N = {d: 4096 // d for d in (16, 32, 64, 128, 256)}  # keys per step of a decode program
+DECODE_WARPS = 8
 MAX_HEAD_DIM = 256
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 
@@ -681,7 +687,8 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
         q, k, v, kpm, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         kpm_stride, H, Tk, keys_per_split, qk_scale,
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, BLOCK_N=block_n, num_warps=4)
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, BLOCK_N=block_n,
+        num_warps=DECODE_WARPS)
     o = torch.empty_like(q)
     lse2 = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     _decode_merge_kernel[(B * H,)](
