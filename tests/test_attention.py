@@ -254,3 +254,17 @@ def test_bench_without_gpu(tmp_path):
         assert rows[("vit-tiny", "triton")]["fwdbwd_ms"] > 0
         assert rows[("decode-tiny", "triton-1split")]["fwd_us"] > 0
     assert rows[("vit-tiny", "sdpa-cudnn")]["note"].startswith("n/a")
+
+
+# ------------------------------------------------------------------------------------------------
+# The offline compile check (tests/attention_ptxas_check.py) still runs: two decode kernels, ~2 s
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(A.TRITON_IMPORT_ERROR is not None, reason="needs triton")
+def test_ptxas_check_runs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, "attention_ptxas_check.py"), "--head-dims", "64",
+                           "--kernels", "decode"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("D64")]
+    assert len(lines) == 2 and all("registers, spill" in l for l in lines), proc.stdout
