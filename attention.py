@@ -92,7 +92,7 @@ try:
     TRITON_IMPORT_ERROR = None
 except ImportError as e:  # CPU-only install: the kernels below stay plain, never-launched functions
     TRITON_IMPORT_ERROR = e
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    triton = types.SimpleNamespace(jit=lambda fn=None, **kw: fn if fn is not None else (lambda f: f))
     tl = types.SimpleNamespace(constexpr=None)
 
 IMPLEMENTATIONS = ("auto", "reference", "sdpa", "triton")
@@ -161,6 +161,12 @@ def sdpa(q, k, v, causal=False, key_padding_mask=None, scale=None):
 # b * H + h. Scores are kept in base 2: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - lse2).
 # ------------------------------------------------------------------------------------------------
 
+# Triton compiles a kernel anew for each pattern of its integer arguments (== 1, divisible by 16).
+# For lengths and head counts that buys nothing here (masks handle ragged ends) and costs a compile of
+# every config for every new shape (197 vs 1024 tokens, 12 vs 16 heads): these are not specialized.
+SHAPE_ARGS = ["stride_kpm", "H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
+
+
 @triton.jit
 def _load_rows(base, rows, offs_d, stride_r, stride_d, n_rows,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -215,7 +221,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -271,7 +277,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     tl.store(LSE + pid_bh * Tq + offs_m, lse2, mask=offs_m < Tq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Tk", "keys_per_split", "stride_kpm"])
 def _decode_kernel(Q, K, V, KPM, OP, LSEP,
                    stride_qb, stride_qh, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -320,7 +326,7 @@ def _decode_kernel(Q, K, V, KPM, OP, LSEP,
     tl.store(LSEP + pid_bh * n_splits + split, lse2)                       # (B*H, splits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "n_splits"])
 def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n_splits,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Flash-decoding, step 2: O = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s)."""
@@ -345,7 +351,7 @@ def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n
     tl.store(LSE + pid_bh, lse2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Tq"])
 def _bwd_delta_kernel(O, DO, DELTA,
                       stride_ob, stride_oh, stride_om, stride_od,
                       stride_dob, stride_doh, stride_dom, stride_dod,
@@ -390,7 +396,7 @@ def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -477,7 +483,7 @@ def _bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, kpm_base, start_n, off
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,

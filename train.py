@@ -505,7 +505,7 @@ def lr_factor(step, total, warmup, schedule, min_ratio):
 # Throughput figures for the progress bar (GPU only): tokens/s, MFU against the bf16 dense peak.
 
 PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; first key found in torch.cuda.get_device_name()
-    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989, "GH200": 989,
+    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "H800": 989, "GH200": 989,
     "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
     "RTX 4090": 165, "RTX 3090": 71,
 }
