@@ -809,8 +809,14 @@ def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     """The fused Triton kernel (forward and backward) with the semantics of attention_reference."""
     _flash_check(q, k, v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kpm = None if key_padding_mask is None else _as_kpm(key_padding_mask, q)[0]  # uint8, converted once
-    return _forward_op(q, k, v, kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
+    kpm, kpm_stride = _as_kpm(key_padding_mask, q)  # uint8, converted once
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and not torch.compiler.is_compiling():
+        # Eager inference goes straight to the launcher: the custom operator is there for autograd and
+        # torch.compile, and its dispatch costs the host about as much as the rest of this call.
+        with _device_guard(q):
+            return _flash_forward(q, k, v, bool(causal), kpm, kpm_stride, scale)[0]  # (B, H, Tq, D)
+    return _forward_op(q, k, v, None if kpm is q else kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
 
 
 def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):

@@ -113,7 +113,9 @@ def run_case(name, torch, A):
         out, grads = ours[0], ours[1:]
         tensors = ours
     res["finite"] = all(bool(torch.isfinite(t).all()) for t in tensors)
-    ok = ok and res["finite"]
+    with torch.no_grad():  # inference skips the custom operator: the same kernel, the same output
+        res["no_grad_equal"] = bool(torch.equal(A.flash_attention(q.detach(), k.detach(), v.detach(), causal, kpm), out))
+    ok = ok and res["finite"] and res["no_grad_equal"]
     if mask is not None or (causal and Tq > Tk):
         # Rows that see no key: output exactly 0, and (fp32 cases) gradient exactly 0 for them.
         seen = A.visible_mask(Tq, Tk, causal, kpm, q.device).expand(B, H, Tq, Tk).any(-1)  # (B, H, Tq)
