@@ -758,13 +758,17 @@ def _device_guard(t):
 # the kernel and is not split into pieces around the Triton launches and the autotuner; autograd calls
 # the backward operator with what the forward saved: q, k, v, o and the row log-sum-exp.
 
-@torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
-                causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, kpm, causal, scale):
     """o (like q) and lse2 (B, H, Tq) fp32; kpm is the uint8 (B, Tk) mask or None."""
     kpm, kpm_stride = _as_kpm(kpm, q)
     with _device_guard(q):
         return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
+
+
+@torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
+                causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, kpm, causal, scale)
 
 
 @_forward_op.register_fake
@@ -809,14 +813,13 @@ def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     """The fused Triton kernel (forward and backward) with the semantics of attention_reference."""
     _flash_check(q, k, v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kpm, kpm_stride = _as_kpm(key_padding_mask, q)  # uint8, converted once
+    kpm = None if key_padding_mask is None else _as_kpm(key_padding_mask, q)[0]  # uint8, converted once
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and not torch.compiler.is_compiling():
-        # Eager inference goes straight to the launcher: the custom operator is there for autograd and
-        # torch.compile, and its dispatch costs the host about as much as the rest of this call.
-        with _device_guard(q):
-            return _flash_forward(q, k, v, bool(causal), kpm, kpm_stride, scale)[0]  # (B, H, Tq, D)
-    return _forward_op(q, k, v, None if kpm is q else kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
+        # Eager inference skips the custom operator, which is there for autograd and torch.compile:
+        # its dispatch costs the host about as much as the rest of this call.
+        return _forward(q, k, v, kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
+    return _forward_op(q, k, v, kpm, bool(causal), scale)[0]  # (B, H, Tq, D)
 
 
 def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):

@@ -11,7 +11,8 @@
 Each subcommand is one function `bench_<name>(args)` returning a payload {"rows": [...], "columns":
 [...]}; main() adds the environment (device, torch, triton), prints the rows as a table and writes
 them as JSON. Timings are CUDA events around calls run back to back (the median over up to 5
-groups) after a warmup, which also absorbs Triton's compilation and autotuning. Nothing here is asserted: speed is reported, never tested.
+groups) after a warmup, which also absorbs Triton's compilation and autotuning. Nothing here is
+asserted: speed is reported, never tested.
 """
 import argparse
 import contextlib
