@@ -35,7 +35,7 @@ Online softmax. For one query row, walking over key blocks j = 1, 2, ... keep th
 The factor exp(m_{j-1} - m_j) rescales what was accumulated against the old maximum to the new
 one, so after the last block O = o / l exactly (no approximation), and every exp() has a
 non-positive argument, so nothing overflows. The kernel works in base 2 (exp2 is one hardware
-instruction): it multiplies the scores by scale * log2(e) once and uses exp2 everywhere.
+instruction): the scores are scaled by scale * log2(e) and every exp() is an exp2().
 
 Why the log-sum-exp is saved. At the end, lse = m + log(l) is the log of the softmax denominator,
 so P = exp(S - lse) for the whole row. Saving this one float per row (fp32, (B, H, Tq); base 2
@@ -200,7 +200,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs
     """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (acc, l, m)."""
     cols = start_n + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) key indices
     k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BLOCK_M, BLOCK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                 # (BLOCK_M, BLOCK_N) q.k
     if MASK:  # only blocks on the causal diagonal or past the end of the keys
         keep = cols[None, :] < Tk
         if CAUSAL:
@@ -209,11 +209,15 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs
     if HAS_KPM:
         pad = tl.load(kpm_base + cols, mask=cols < Tk, other=0)          # (BLOCK_N,) 1 = keep
         s = tl.where(pad[None, :] != 0, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # (BLOCK_M,)
+    # qk_scale > 0, so the scaled row maximum is the maximum of the unscaled scores, scaled: the scale
+    # is applied once per row here and inside exp2's argument below (one fused multiply-add per score
+    # instead of a multiply and a subtract; the softmax's scalar work is what limits this kernel at
+    # head dim 64 on an H100, not its two matmuls).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                      # (BLOCK_M,) base-2 max
     # A row that has seen only masked keys has m = -inf; subtracting 0 instead keeps exp2(-inf) = 0
     # where exp2(-inf - (-inf)) would be NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])                                 # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])                      # (BLOCK_M, BLOCK_N)
     alpha = tl.math.exp2(m_i - m_safe)                                    # rescales the old sums
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
@@ -583,6 +587,9 @@ DECODE_BLOCK_N = {d: 4096 // d for d in (16, 32, 64, 128, 256)}  # keys per step
 DECODE_WARPS = 8
 MAX_HEAD_DIM = 256
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+# Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
+# above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _configs(name, block_d, fp32):
@@ -610,9 +617,11 @@ def _launch(name, block_d, grid, args, consts):
     configs = _configs(name, block_d, fp32)
     if len(configs) == 1:
         m, n, w, s = configs[0]
-        KERNELS[name][grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        KERNELS[name][grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
+                                  **LAUNCH_OPTIONS)
     else:
-        _autotuned(name, block_d)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        tuned = _autotuned(name, block_d)
+        tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts, **LAUNCH_OPTIONS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,8 +652,17 @@ def _flash_check(q, k, v, key_padding_mask):
                            f"set before triton is imported); q is on {q.device}")
 
 
-def _flash_supported(q, k, v):
-    return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+def _flash_scale(q, scale):
+    """The softmax scale as a float (default 1/sqrt(D)). The kernel needs it > 0: it scales the row
+    maximum of the unscaled scores, which is the maximum of the scaled ones only for a positive scale."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"flash_attention needs scale > 0, got {scale}; use impl='sdpa' or 'reference'")
+    return scale
+
+
+def _flash_supported(q, k, v, scale=None):
+    return ((scale is None or scale > 0) and TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and k.dtype == q.dtype and v.dtype == q.dtype)
 
@@ -693,12 +711,13 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         kpm_stride, H, Tk, keys_per_split, qk_scale,
         HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, BLOCK_N=block_n,
-        num_warps=DECODE_WARPS)
+        num_warps=DECODE_WARPS, **LAUNCH_OPTIONS)
     o = torch.empty_like(q)
     lse2 = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     _decode_merge_kernel[(B * H,)](
         o_part, lse_part, o, lse2, o.stride(0), o.stride(1), o.stride(3), H, num_splits,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        **LAUNCH_OPTIONS)
     return o, lse2
 
 
@@ -734,7 +753,7 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, **LAUNCH_OPTIONS)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
                   PRECISION=_precision(q.dtype))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
@@ -812,7 +831,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     """The fused Triton kernel (forward and backward) with the semantics of attention_reference."""
     _flash_check(q, k, v, key_padding_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _flash_scale(q, scale)
     kpm = None if key_padding_mask is None else _as_kpm(key_padding_mask, q)[0]  # uint8, converted once
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and not torch.compiler.is_compiling():
@@ -829,7 +848,7 @@ def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
     _flash_check(q, k, v, key_padding_mask)
     if q.shape[2] != 1:
         raise ValueError(f"flash_decode takes one query per row, q is {tuple(q.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _flash_scale(q, scale)
     kpm, kpm_stride = _as_kpm(key_padding_mask, q)
     with torch.no_grad(), _device_guard(q):
         o, _ = _flash_forward(q, k, v, False, kpm, kpm_stride, scale, decode_splits=num_splits)
@@ -848,6 +867,6 @@ def attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl=Non
                          f"choose one of {IMPLEMENTATIONS}")
     if impl == "reference":
         return attention_reference(q, k, v, causal, key_padding_mask, scale)
-    if impl == "triton" or (impl == "auto" and _flash_supported(q, k, v)):
+    if impl == "triton" or (impl == "auto" and _flash_supported(q, k, v, scale)):
         return flash_attention(q, k, v, causal, key_padding_mask, scale)
     return sdpa(q, k, v, causal, key_padding_mask, scale)

@@ -218,8 +218,34 @@ def run_compile_check(torch, A):
     return res
 
 
+def run_scale_check(torch, A):
+    """A scale other than 1/sqrt(D) (the kernel applies it to the row maximum and inside exp2), with a
+    causal mask and padding: output and gradients against the reference; a scale <= 0 is refused."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 29, 32, generator=g, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, 2, 29, 32, generator=g)
+    kpm = torch.ones(2, 29, dtype=torch.bool)
+    kpm[1, :6] = False
+    res = {"case": "custom_scale"}
+    for scale in (0.05, 2.0):
+        out = A.flash_attention(q, k, v, True, kpm, scale=scale)
+        ref = A.attention_reference(q, k, v, True, kpm, scale=scale)
+        got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))
+        res[f"err_scale_{scale}"] = max((a - b).abs().max().item() for a, b in zip((out, *got), (ref, *want)))
+    refused = []
+    for scale in (0.0, -0.125):
+        try:
+            A.flash_attention(q, k, v, scale=scale)
+        except ValueError:
+            refused.append(scale)
+    res["refused"] = refused
+    res["tol"] = FP32_TOL
+    res["ok"] = len(refused) == 2 and all(e <= FP32_TOL for key, e in res.items() if key.startswith("err"))
+    return res
+
+
 EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
-                "torch_compile_one_opaque_op": run_compile_check}
+                "torch_compile_one_opaque_op": run_compile_check, "custom_scale": run_scale_check}
 
 
 def main(argv=None):
