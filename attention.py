@@ -540,16 +540,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
 # Launch configurations. (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim: for the
 # forward and dQ kernels BLOCK_M is the query block a program owns and BLOCK_N the key block it
 # streams; for the dK/dV kernel BLOCK_N is the key block it owns and BLOCK_M the query block it
-# streams. These are the usual H100 choices for FlashAttention in Triton (not measured here); on
-# CUDA the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and
-# keeps the fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. Every bf16 entry compiles for
-# sm_90a under Triton 3.9 (CI's) and 3.6 (the one that ships with PyTorch 2.11 on our GPU machine),
-# plain, causal and causal with key padding, within 96 KiB of shared memory (of 227), as
-# `python tests/attention_ptxas_check.py` shows without a GPU (registers and spills from ptxas -v).
-# Spills depend on the toolchain (3.6 needs more registers): the first entry of each list spills
-# nothing under 3.9 and at most 8 bytes under 3.6; the others spill at most 260 bytes under 3.9 and
-# 732 under 3.6 (dQ, D = 256, (64, 32, 8, 2)), which the autotuner weighs by measuring. Configs that
-# spilled 1-3 KB under 3.6 (e.g. the forward's (128, 128, 8, 2) at D = 128) were dropped.
+# streams. These are the usual H100 choices for FlashAttention in Triton (not timed here); on CUDA
+# the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and keeps the
+# fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. The forward rescales its (BLOCK_M, D)
+# accumulator once per key block, D / BLOCK_N multiplies per score, so its first entries stream 64
+# keys or more wherever registers allow. Compiled offline for sm_90a as a launch specializes them
+# (`python tests/attention_ptxas_check.py`: ptxas -v, no GPU needed) under Triton 3.9 (CI's) and 3.6
+# (PyTorch 2.11's, on our GPU machine), plain, causal and causal with key padding, every bf16 entry
+# compiles with a software-pipelined loop (asynchronous copies into shared memory) and fits in 160 KiB
+# of shared memory (an H100 block may have 227). Every first entry spills nothing under either
+# version; the others spill at most 96 bytes (the forward's (128, 128, 8, 2) at D = 128 under 3.9),
+# which the autotuner weighs by timing them.
 # The interpreter uses small blocks so that tiny test shapes span several blocks and every loop.
 # ------------------------------------------------------------------------------------------------
 
@@ -557,22 +558,22 @@ FWD_CONFIGS = {
     16: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     64: [(128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
-    256: [(32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2)],
 }
 DKDV_CONFIGS = {
     16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
     32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
     64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
-    128: [(64, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (32, 32, 8, 3)],
-    256: [(16, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)],
+    128: [(32, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3)],
+    256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
 }
 DQ_CONFIGS = {
     16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
     32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
     64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    128: [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-    256: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (64, 32, 8, 2)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
+    256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
 }
 # fp32 ("ieee" dots run on the FMA units, not tensor cores) is the exact, slow path: one small
 # config that fits twice-as-large tiles in shared memory.
@@ -580,9 +581,8 @@ FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4,
 FP32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # A decode program holds a (BLOCK_N, D) tile of keys and one of values in fp32 registers: 4096 // D keys
-# per step over 8 warps is 16 elements of each per thread, which compiles without register spills for
-# sm_90a under both Triton 3.6 and 3.9 at every head dim (tests/attention_ptxas_check.py). The earlier
-# choice, 128 // 64 // 32 keys with 4 warps at D = 64 // 128 // 256, spilled 104-320 bytes under 3.6.
+# per step over 8 warps is 16 elements of each per thread (57-64 registers, no spills for sm_90a under
+# Triton 3.6 and 3.9 at every head dim: tests/attention_ptxas_check.py).
 DECODE_BLOCK_N = {d: 4096 // d for d in (16, 32, 64, 128, 256)}  # keys per step of a decode program
 DECODE_WARPS = 8
 MAX_HEAD_DIM = 256
