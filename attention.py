@@ -210,9 +210,10 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs
         pad = tl.load(kpm_base + cols, mask=cols < Tk, other=0)          # (BLOCK_N,) 1 = keep
         s = tl.where(pad[None, :] != 0, s, float("-inf"))
     # qk_scale > 0, so the scaled row maximum is the maximum of the unscaled scores, scaled: the scale
-    # is applied once per row here and inside exp2's argument below (one fused multiply-add per score
-    # instead of a multiply and a subtract; the softmax's scalar work is what limits this kernel at
-    # head dim 64 on an H100, not its two matmuls).
+    # is applied once per row here and inside exp2's argument below, one fused multiply-add per score
+    # instead of a multiply and a subtract. Scalar work per score counts: the two matmuls do 4*D = 256
+    # FLOPs per score at D = 64, which an H100's tensor cores (~4096 FLOPs per clock per SM) finish in
+    # the time its FP32 units (128 per SM) take for 8 operations.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                      # (BLOCK_M,) base-2 max
     # A row that has seen only masked keys has m = -inf; subtracting 0 instead keeps exp2(-inf) = 0
     # where exp2(-inf - (-inf)) would be NaN.
@@ -662,8 +663,8 @@ def _flash_scale(q, scale):
 
 
 def _flash_supported(q, k, v, scale=None):
-    return ((scale is None or scale > 0) and TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+            and (scale is None or scale > 0) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and k.dtype == q.dtype and v.dtype == q.dtype)
 
 

@@ -41,7 +41,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def tool(name):
     """A CUDA tool from Triton's wheel (3.9 ships a newer ptxas for Blackwell, which reads its PTX)."""
-    if name == "ptxas" and triton.__version__ >= "3.9" and os.path.exists(os.path.join(BIN, "ptxas-blackwell")):
+    newer = os.path.join(BIN, "ptxas-blackwell")
+    if name == "ptxas" and triton.__version__ >= "3.9" and os.path.exists(newer):
         name = "ptxas-blackwell"
     path = os.path.join(BIN, name)
     if not os.path.exists(path):
@@ -91,7 +92,8 @@ def compile_launch(fn, args, kwargs):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=TARGET, options=options.__dict__)
 
 
 def ptxas_report(kernel):
@@ -140,8 +142,9 @@ def main():
     for d in (int(x) for x in args.head_dims.split(",")):
         for name in args.kernels.split(","):
             if name == "decode":
-                runs = [(captured_launches(d, False, padded, dtype)["decode"], {}, f"BLOCK_N "
-                         f"{A.DECODE_BLOCK_N[d]} warps {A.DECODE_WARPS}, kpm={padded}") for padded in (False, True)]
+                runs = [(captured_launches(d, False, padded, dtype)["decode"], {},
+                         f"BLOCK_N {A.DECODE_BLOCK_N[d]} warps {A.DECODE_WARPS}, kpm={padded}")
+                        for padded in (False, True)]
             else:
                 runs = [(captured_launches(d, causal, padded, dtype)[name],
                          dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s),
