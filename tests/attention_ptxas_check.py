@@ -139,18 +139,20 @@ def main():
     tables = {"fwd": A.FWD_CONFIGS, "dkdv": A.DKDV_CONFIGS, "dq": A.DQ_CONFIGS}
     print(f"triton {triton.__version__}, {os.path.basename(tool('ptxas'))}, sm_90a, {args.dtype}")
     failures = 0
+    variants = ((False, False), (True, False), (True, True))  # (causal, key padding)
     for d in (int(x) for x in args.head_dims.split(",")):
+        launches = {v: captured_launches(d, *v, dtype) for v in variants}
         for name in args.kernels.split(","):
-            if name == "decode":
-                runs = [(captured_launches(d, False, padded, dtype)["decode"], {},
+            if name == "decode":  # causal is a no-op for one query
+                runs = [(launches[(True, padded)]["decode"], {},
                          f"BLOCK_N {A.DECODE_BLOCK_N[d]} warps {A.DECODE_WARPS}, kpm={padded}")
                         for padded in (False, True)]
             else:
-                runs = [(captured_launches(d, causal, padded, dtype)[name],
+                runs = [(launches[(causal, padded)][name],
                          dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s),
                          f"{(m, n, w, s)} causal={causal} kpm={padded}")
                         for m, n, w, s in tables[name][d]
-                        for causal, padded in ((False, False), (True, False), (True, True))]
+                        for causal, padded in variants]
             for (fn, fn_args, fn_kwargs), config, label in runs:
                 try:
                     kernel = compile_launch(fn, fn_args, {**fn_kwargs, **config, **A.LAUNCH_OPTIONS})
