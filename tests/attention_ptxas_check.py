@@ -70,17 +70,18 @@ def captured_launches(D, causal, padded, dtype, T=256, B=2, H=2):
         return [x[:, :, i].transpose(1, 2) for i in range(3)]
 
     q, k, v = qkv(T)
-    kpm = torch.ones(B, T, dtype=torch.uint8) if padded else q
+    kpm = torch.ones(B, T, dtype=torch.uint8) if padded else q  # q: the launchers' "no mask" stand-in
+    kpm_stride, scale = (T if padded else 0), D ** -0.5
     saved = A._launch, A._decode_kernel, A._decode_merge_kernel, A._bwd_delta_kernel
     A._launch = fake_launch
     A._decode_kernel = Recorder("decode", saved[1])
     A._decode_merge_kernel = Recorder("merge", saved[2])
     A._bwd_delta_kernel = Recorder("delta", saved[3])
     try:
-        o, lse2 = A._flash_forward(q, k, v, causal, kpm, T if padded else 0, D ** -0.5)
+        o, lse2 = A._flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
         do = qkv(T)[0]
-        A._flash_backward(do, q, k, v, o, lse2, causal, kpm, T if padded else 0, D ** -0.5)
-        A._flash_forward(qkv(1)[0], k, v, False, kpm, T if padded else 0, D ** -0.5, decode_splits=4)
+        A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale)
+        A._flash_forward(qkv(1)[0], k, v, False, kpm, kpm_stride, scale, decode_splits=4)  # one decode step
     finally:
         A._launch, A._decode_kernel, A._decode_merge_kernel, A._bwd_delta_kernel = saved
     return log
