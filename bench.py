@@ -59,15 +59,21 @@ def time_ms(fn, warmup, iters, cuda):
     On a GPU the calls run back to back between two CUDA events, in up to 5 groups, and the median of
     the groups' means is returned: the host queues the next call while the GPU runs this one, as in a
     real model. (A sync after every call would leave the GPU idle while the next call's Python runs,
-    and charge a 30 us kernel for ~100 us of host work.) On a CPU: perf_counter around each call.
+    and charge a 30 us kernel for ~100 us of host work.) A group lasts at least ~2 ms, so that the
+    launch of its first call, which the GPU waits for, is spread over many calls of a short kernel.
+    On a CPU: perf_counter around each call.
     """
     for _ in range(warmup):
         fn()
     times = []
     if cuda:
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()  # one call on its own, to size the groups
+        torch.cuda.synchronize()
+        once_ms = (time.perf_counter() - t0) * 1e3
         groups = max(1, min(5, iters))
-        per_group = max(1, iters // groups)
+        per_group = max(1, iters // groups, min(1000, math.ceil(2.0 / max(once_ms, 1e-3))))
         for _ in range(groups):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -98,6 +104,7 @@ def environment():
         "triton": triton_version,
         "cuda": torch.version.cuda if cuda else None,
         "python": platform.python_version(),
+        "flash_autotune": os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0",  # attention.py's configs
     }
 
 
@@ -340,9 +347,14 @@ def free_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gib(device):
-    """Peak CUDA memory allocated since the last free_memory(), in GiB (None on the CPU)."""
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+def peak_gib(device, resident=0):
+    """Peak CUDA memory allocated since the last free_memory(), less `resident` bytes that belong to
+    something else, in GiB (None on the CPU)."""
+    return (torch.cuda.max_memory_allocated() - resident) / 2**30 if device.type == "cuda" else None
+
+
+def weights_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def failure_note(e):
@@ -569,8 +581,10 @@ def timed_training(model, inputs, compile_, warmup, iters):
     if compile_:
         torch._dynamo.reset()  # each compiled row traces its own copy afresh (no guards left from the last)
     step = training_step(model, optimizer, *inputs, compiled=torch.compile(model) if compile_ else None)
-    torch.manual_seed(0)  # the same prefix-dropout mask for every row's first step
-    loss0 = step().item()  # before any update: every row starts from the same weights, so the same loss
+    torch.manual_seed(0)  # the same prefix-dropout mask for every eager row's first step
+    # Before any update every row has the same weights, so eager rows agree to bf16 rounding; a compiled
+    # row differs a little more (inductor draws its own dropout mask).
+    loss0 = step().item()
     return loss0, time_ms(step, warmup, iters, cuda)
 
 
@@ -665,6 +679,8 @@ def bench_generate(args):
     theirs.to(device, dtype).eval()
     runs = {"ours": lambda px, ids, graph: ours_generate_ids(ours, px, ids, new, graph and not smoke),
             "transformers": lambda px, ids, graph: theirs.generate_ids(px, ids, new)}
+    # Both models stay on the GPU; a row's peak counts its own model's weights, not the other's.
+    other_weights = {"ours": weights_bytes(theirs), "transformers": weights_bytes(ours)}
     rows = new_rows()
     for B in batches:
         g = torch.Generator().manual_seed(B)
@@ -688,7 +704,8 @@ def bench_generate(args):
             except Exception as e:  # out of memory, a failed graph capture, ...: recorded, the next row runs
                 row["note"] = failure_note(e)
                 continue
-            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), peak_gib=peak_gib(device))
+            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3),
+                       peak_gib=peak_gib(device, resident=other_weights[assembly]))
             if name == "transformers":
                 reference = tokens
             if reference is not None:  # the fraction of tokens equal to transformers' (bf16 may drift)
@@ -705,6 +722,8 @@ def bench_generate(args):
                       "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
             "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
                       "graph where there is one), EOS off",
+            "peak_gib": "peak memory allocated during the row, less the other model's weights (both stay on "
+                        "the GPU)",
             "columns": columns, "rows": rows}
 
 
@@ -784,7 +803,8 @@ def bench_big(args):
 
 QUICK = {  # bench.py all --quick: the options each benchmark gets
     "attention": ["--warmup", "3", "--iters", "20"],
-    "train": ["--warmup", "2", "--iters", "10"],
+    "train": ["--warmup", "2", "--iters", "10",  # one compiled row: each is a cold compile of ~1 min
+              "--variants", ",".join(v for v in TRAIN_VARIANTS if v != "ours-sdpa-compile")],
     "generate": ["--new-tokens", "64", "--iters", "3"],
     "big": ["--max-batch", "64", "--warmup", "1", "--iters", "3"],
 }
@@ -803,13 +823,16 @@ def stop_child(child, grace=30):
 def run_all(args):
     """bench.py all: each benchmark as `python bench.py NAME --json DIR/NAME.json` in a child process."""
     os.makedirs(args.json_dir, exist_ok=True)
+    env = dict(os.environ)
+    if args.quick:  # first configs only: autotuning compiles every config of every kernel (~3 s each)
+        env.setdefault("MAGMA_FLASH_AUTOTUNE", "0")
     failed = []
     for name in QUICK:
         cmd = [sys.executable, os.path.abspath(__file__), name, "--json", os.path.join(args.json_dir, f"{name}.json")]
         cmd += ["--cpu-smoke"] if args.cpu_smoke else QUICK[name] if args.quick else []
         print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        child = subprocess.Popen(cmd)
+        child = subprocess.Popen(cmd, env=env)
         try:
             code = child.wait(timeout=args.timeout_each)
         except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
@@ -874,7 +897,9 @@ def main(argv=None):
                                    "as it ends; a failure or timeout in one does not stop the others")
     p.add_argument("--json-dir", default="bench_results", help="folder for attention.json, train.json, ...")
     p.add_argument("--quick", action="store_true",
-                   help="fewer iterations, generation of 64 tokens, batches up to 64 in big: about half the time")
+                   help="fewer iterations, generation of 64 tokens, batches up to 64 in big, one compiled "
+                        "training row, attention.py's first launch configs (MAGMA_FLASH_AUTOTUNE=0 unless "
+                        "set): a fraction of the time")
     p.add_argument("--timeout-each", type=positive_int, help="seconds each benchmark may run (default: no limit)")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=None)
