@@ -52,8 +52,10 @@ What the backward recomputes, per block (dO is the incoming gradient of O):
 delta is computed once by a small pre-pass. Then two kernels: one program per key block loops over
 the query blocks and accumulates dK and dV in registers; one program per query block loops over
 the key blocks and accumulates dQ. Each output block has exactly one owner, so there are no atomic
-additions and the result is bitwise deterministic (FlashAttention-2's single kernel with atomic dQ
-updates is faster on some shapes but not reproducible). Accumulation is fp32 throughout.
+additions and the result is bitwise deterministic for a given launch config (FlashAttention-2's
+single kernel with atomic dQ updates is faster on some shapes but not reproducible). The autotuner
+picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins the first
+config of each list for runs that must repeat. Accumulation is fp32 throughout.
 
 Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there);
 key blocks entirely below it run without any mask arithmetic; only the few blocks that cross the
@@ -586,7 +588,9 @@ INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 1
 # Triton 3.6 and 3.9 at every head dim: tests/attention_ptxas_check.py).
 DECODE_BLOCK_N = {d: 4096 // d for d in (16, 32, 64, 128, 256)}  # keys per step of a decode program
 DECODE_WARPS = 8
+MAX_DECODE_SPLITS = 64  # the merge kernel holds (splits, D) partial outputs in registers
 MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1, where every kernel puts batch*head
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 # Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
 # above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
@@ -669,10 +673,15 @@ def _flash_supported(q, k, v, scale=None):
 
 
 def _precision(dtype):
-    """Dot precision for fp32 inputs: exact unless PyTorch's own matmuls may use TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # the default; ignored by Triton for fp16/bf16 inputs
+    """Dot precision for fp32 inputs: exact unless PyTorch's own CUDA matmuls may use TF32."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by Triton for fp16/bf16 inputs
+    # "ieee", "tf32" or "none" (inherit the global setting); torch.set_float32_matmul_precision and
+    # allow_tf32 set it too. (torch.get_float32_matmul_precision() raises once the APIs are mixed.)
+    setting = torch.backends.cuda.matmul.fp32_precision
+    if setting == "none":
+        setting = torch.backends.fp32_precision
+    return "tf32" if setting == "tf32" else "ieee"
 
 
 def _as_kpm(key_padding_mask, q):
@@ -685,13 +694,17 @@ def _as_kpm(key_padding_mask, q):
     return kpm, kpm.stride(0)
 
 
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _decode_splits(BH, Tk, block_n, device):
     """How many programs share one row's keys: ~4 programs per SM, >= 2 key blocks each (a guess:
     `bench.py attention` compares 1, 4 and 16 splits on the decode shape)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, BH), triton.cdiv(Tk, 2 * block_n), 64))
+    return max(1, min(triton.cdiv(4 * _sm_count(device), BH), triton.cdiv(Tk, 2 * block_n), MAX_DECODE_SPLITS))
 
 
 def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
@@ -702,7 +715,7 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     block_n = 16 if INTERPRET else DECODE_BLOCK_N[block_d]
     if num_splits is None:
         num_splits = _decode_splits(B * H, Tk, block_n, q.device)
-    num_splits = max(1, min(int(num_splits), Tk))
+    num_splits = max(1, min(int(num_splits), Tk, MAX_DECODE_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(Tk, num_splits), block_n) * block_n
     num_splits = triton.cdiv(Tk, keys_per_split)  # no empty splits
     o_part = torch.empty(B * H, num_splits, block_d, device=q.device, dtype=torch.float32)
@@ -722,6 +735,12 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     return o, lse2
 
 
+def _batch_slices(B, H):
+    """Slices of the batch whose B*H programs fit on grid axis 1 (one slice unless B*H > MAX_GRID_Y)."""
+    step = max(1, MAX_GRID_Y // H)
+    return [slice(b, b + step) for b in range(0, B, step)]
+
+
 def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
     """Launch the forward: o like q (same layout when q is dense), lse2 (B, H, Tq) fp32 base 2."""
     B, H, Tq, D = q.shape
@@ -729,6 +748,13 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
     qk_scale = scale * 1.4426950408889634  # log2(e): scores in base 2
     if B * H * Tq == 0 or Tk == 0:
         return torch.zeros_like(q), torch.full((B, H, Tq), float("inf"), device=q.device)
+    if B * H > MAX_GRID_Y:  # too many rows for one grid: a launch per slice of the batch
+        o, lse2 = torch.empty_like(q), torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+        for s in _batch_slices(B, H):
+            qs = q[s]  # a slice's mask is its rows of kpm, or its own q when there is no mask
+            o[s], lse2[s] = _flash_forward(qs, k[s], v[s], causal, qs if kpm is q else kpm[s], kpm_stride,
+                                           scale, decode_splits)
+        return o, lse2
     if Tq == 1 and decode_splits != 0:  # causal is a no-op for one query: it is the last position
         return _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, decode_splits)
     o = torch.empty_like(q)  # keeps q's memory layout, so a (B, T, H, D)-ordered q gives such an o
@@ -749,6 +775,14 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if B * H * Tq == 0 or Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if B * H > MAX_GRID_Y:  # as in the forward: a launch per slice of the batch
+        for s in _batch_slices(B, H):
+            qs = q[s]
+            dqs, dk[s], dv[s] = _flash_backward(do[s], qs, k[s], v[s], o[s], lse2[s], causal,
+                                                qs if kpm is q else kpm[s], kpm_stride, scale, need_dq)
+            if need_dq:
+                dq[s] = dqs
+        return (dq if need_dq else None), dk, dv
     block_d = max(16, triton.next_power_of_2(D))
     qk_scale = scale * 1.4426950408889634
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
@@ -844,7 +878,8 @@ def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
 
 def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
     """Forward-only decode of one query per row, q (B, H, 1, D), keys split over `num_splits`
-    programs (None = enough to fill the GPU; 1 = one program per row) and merged by log-sum-exp.
+    programs (None = enough to fill the GPU; 1 = one program per row; at most 64) and merged by
+    log-sum-exp.
     flash_attention takes this path by itself whenever Tq == 1."""
     _flash_check(q, k, v, key_padding_mask)
     if q.shape[2] != 1:

@@ -120,6 +120,31 @@ def test_auto_uses_triton_only_where_it_can(monkeypatch):
     assert torch.allclose(A.attention(q, q, q), A.attention_reference(q, q, q), atol=1e-6)  # falls back
 
 
+def test_fp32_dot_precision_follows_torch_settings():
+    """Exact fp32 dots unless PyTorch's matmuls may use TF32, set through the old or the new API (after
+    the new one, torch.get_float32_matmul_precision() raises)."""
+    old_global, old_cuda = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    old_new_global = torch.backends.fp32_precision
+    try:
+        assert A._precision(torch.bfloat16) == "tf32"  # Triton ignores it for 16-bit inputs
+        torch.set_float32_matmul_precision("highest")
+        assert A._precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert A._precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert A._precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert A._precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "none"  # inherit the global setting
+        torch.backends.fp32_precision = "tf32"
+        assert A._precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.fp32_precision = old_new_global
+        torch.backends.cuda.matmul.fp32_precision = old_cuda
+        torch.set_float32_matmul_precision(old_global)
+    assert torch.get_float32_matmul_precision() == old_global
+
+
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     q, k = rand(1, 2, 5, 8), rand(1, 2, 6, 8)
     with pytest.raises(ValueError, match="'flash'"):
@@ -230,6 +255,20 @@ def test_gpu_fp32_and_dispatcher():
     assert (out - A.attention_reference(q, k, v, causal=True)).abs().max() < 1e-4
     assert (A.flash_decode(q[:, :, -1:], k, v, num_splits=4)
             - A.attention_reference(q[:, :, -1:], k, v)).abs().max() < 1e-4
+
+
+@cuda
+def test_gpu_more_rows_than_one_grid():
+    """B*H past CUDA's 65535 limit on grid axis 1: the launchers run the batch in slices."""
+    B, H = A.MAX_GRID_Y // 16 + 3, 16
+    q, k, v = (rand(B, H, 9, 16, device="cuda", seed=s).half() for s in (1, 2, 3))
+    do = rand(B, H, 9, 16, device="cuda", seed=4).half()
+    ours = grads_of(lambda *a: A.flash_attention(*a, causal=True), q, k, v, do)
+    want = grads_of(lambda *a: A.attention_reference(*a, causal=True), q.float(), k.float(), v.float(), do.float())
+    for name, o, w in zip(("out", "dq", "dk", "dv"), ours, want):
+        assert (o.float() - w).abs().max() < 2e-2, name
+    decode = A.flash_decode(q[:, :, -1:], k, v)
+    assert (decode.float() - A.attention_reference(q[:, :, -1:].float(), k.float(), v.float())).abs().max() < 1e-2
 
 
 # ------------------------------------------------------------------------------------------------
