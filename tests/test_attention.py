@@ -83,9 +83,15 @@ def test_bottom_right_causal_is_the_kv_cache_mask():
         assert (last - full[:, :, 7:]).abs().max() < 1e-6, impl
 
 
-def test_fully_masked_row_is_zero_with_zero_grad():
-    q, k, v = (rand(2, 2, 4, 8, seed=s).requires_grad_() for s in (7, 8, 9))
-    kpm = torch.tensor([[True] * 4, [False] * 4])
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),  # SDPA's CUDA backends differ from CPU's
+                                          pytest.param("cuda", torch.float32, marks=ON_CUDA, id="cuda-fp32"),
+                                          pytest.param("cuda", torch.bfloat16, marks=ON_CUDA, id="cuda-bf16")])
+def test_fully_masked_row_is_zero_with_zero_grad(device, dtype):
+    q, k, v = (rand(2, 2, 4, 8, seed=s, device=device).to(dtype).requires_grad_() for s in (7, 8, 9))
+    kpm = torch.tensor([[True] * 4, [False] * 4], device=device)
     for impl in ("reference", "sdpa"):
         out = A.attention(q, k, v, key_padding_mask=kpm, impl=impl)
         assert torch.equal(out[1], torch.zeros_like(out[1])), impl
