@@ -166,7 +166,7 @@ def sdpa(q, k, v, causal=False, key_padding_mask=None, scale=None):
 # Triton compiles a kernel anew for each pattern of its integer arguments (== 1, divisible by 16).
 # For lengths and head counts that buys nothing here (masks handle ragged ends) and costs a compile of
 # every config for every new shape (197 vs 1024 tokens, 12 vs 16 heads): these are not specialized.
-SHAPE_ARGS = ["stride_kpm", "H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
+SHAPE_ARGS = ["stride_kpm", "H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "BH_BUCKET"]
 
 
 @triton.jit
@@ -234,11 +234,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
-                stride_kpm, H, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET,
+                stride_kpm, H, Tq, Tk, qk_scale, TQ_BUCKET, TK_BUCKET, BH_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O and lse2 for BLOCK_M query rows of one (batch, head). TQ/TK_BUCKET only key the autotuner."""
+    """O and lse2 for BLOCK_M query rows of one (batch, head). The *_BUCKETs only key the autotuner."""
     # With a causal mask the last query blocks see the most keys: launch them first so that the
     # long programs do not end up as a tail on a few SMs.
     pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
@@ -411,7 +411,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      stride_dob, stride_doh, stride_dom, stride_dod,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                     stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                     stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET, BH_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -497,7 +497,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                   stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET,
+                   stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET, BH_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -544,7 +544,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
 # forward and dQ kernels BLOCK_M is the query block a program owns and BLOCK_N the key block it
 # streams; for the dK/dV kernel BLOCK_N is the key block it owns and BLOCK_M the query block it
 # streams. These are the usual H100 choices for FlashAttention in Triton (not timed here); on CUDA
-# the autotuner times each list once per (length bucket, head dim, causal, mask, dtype) and keeps the
+# the autotuner times each list once per AUTOTUNE_KEY (sizes, head dim, masks, dtype) and keeps the
 # fastest; MAGMA_FLASH_AUTOTUNE=0 uses the first entry only. The forward rescales its (BLOCK_M, D)
 # accumulator once per key block, D / BLOCK_N multiplies per score, so its first entries stream 64
 # keys or more wherever registers allow. Compiled offline for sm_90a as a launch specializes them
@@ -595,6 +595,10 @@ KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 # Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
 # above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+# What the autotuner times anew for: lengths and batch*heads as powers of two (so generation, with a
+# new Tk every step, does not re-tune, and a config tuned at batch 1, where a few programs cannot fill
+# the GPU, is not reused at batch 64), the head dim, the masks (and, added by Triton, the dtypes).
+AUTOTUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"]
 
 
 def _configs(name, block_d, fp32):
@@ -611,9 +615,7 @@ def _configs(name, block_d, fp32):
 def _autotuned(name, block_d):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _configs(name, block_d, fp32=False)]
-    # Lengths enter the key as powers of two, so generation (a new Tk every step) does not re-tune.
-    return triton.autotune(configs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"])(
-        KERNELS[name])
+    return triton.autotune(configs, key=AUTOTUNE_KEY)(KERNELS[name])
 
 
 def _launch(name, block_d, grid, args, consts):
@@ -634,7 +636,7 @@ def _launch(name, block_d, grid, args, consts):
 # ------------------------------------------------------------------------------------------------
 
 def _bucket(n):
-    """The power of two >= n: lengths enter the autotuner's key as buckets."""
+    """The power of two >= n: lengths and batch*heads enter the autotuner's key as buckets."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -761,7 +763,7 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
     lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(D))
     args = (q, k, v, o, lse2, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            kpm_stride, H, Tq, Tk, qk_scale, _bucket(Tq), _bucket(Tk))
+            kpm_stride, H, Tq, Tk, qk_scale, _bucket(Tq), _bucket(Tk), _bucket(B * H))
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
                   PRECISION=_precision(q.dtype))
     _launch("fwd", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, consts)
@@ -792,7 +794,7 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
                   PRECISION=_precision(q.dtype))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _bucket(Tq), _bucket(Tk))
+    tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _bucket(Tq), _bucket(Tk), _bucket(B * H))
     _launch("dkdv", block_d, lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
             (q, k, v, do, lse2, delta, kpm, dk, dv, *common, *dk.stride(), *dv.stride(), *tail), consts)
     if not need_dq:

@@ -166,8 +166,7 @@ def run_autotune_check(torch, A):
 
     def autotuned(name, block_d):
         cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
-        return triton.autotune(cfgs, key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-                               do_bench=fake_bench)(A.KERNELS[name])
+        return triton.autotune(cfgs, key=A.AUTOTUNE_KEY, do_bench=fake_bench)(A.KERNELS[name])
 
     saved = A._configs, A._autotuned
     A._configs, A._autotuned = (lambda name, block_d, fp32: configs), autotuned
