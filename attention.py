@@ -578,10 +578,17 @@ DQ_CONFIGS = {
     128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
     256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
 }
-# fp32 ("ieee" dots run on the FMA units, not tensor cores) is the exact, slow path: one small
-# config that fits twice-as-large tiles in shared memory.
-FP32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
-FP32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
+# fp32 inputs get one config per kernel (`python tests/attention_ptxas_check.py --dtype tf32|fp32`).
+# TF32 dots run on the tensor cores: small tiles, since fp32 tiles take twice the shared memory (under
+# 1 KB spilled, at D = 256). Exact ("ieee") dots run on the FMA units and keep whole operand rows in
+# registers, so they need smaller tiles still: these spill at most 24 bytes at D <= 128 under Triton
+# 3.6 and 3.9. At D = 256 every tile tried spilled 17-70 KB per thread, so attention(impl="auto")
+# sends exact fp32 at D = 256 to SDPA.
+TF32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+TF32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
+IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 32, 8, 2)},  # D <= 64
+                128: {"fwd": (32, 16, 8, 2), "dkdv": (16, 16, 4, 2), "dq": (16, 16, 4, 2)},
+                256: TF32_CONFIGS_256}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # A decode program holds a (BLOCK_N, D) tile of keys and one of values in fp32 registers: 4096 // D keys
 # per step over 8 warps is 16 elements of each per thread (57-64 registers, no spills for sm_90a under
@@ -601,12 +608,15 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 AUTOTUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"]
 
 
-def _configs(name, block_d, fp32):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for kernel `name` at this head dim."""
+def _configs(name, block_d, precision=None):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for kernel `name` at this head dim;
+    precision is the dot precision of fp32 inputs ("tf32" or "ieee"), None for 16-bit ones."""
     if INTERPRET:
         return [INTERPRET_CONFIGS[name]]
-    if fp32:
-        return [(FP32_CONFIGS_256 if block_d > 128 else FP32_CONFIGS)[name]]
+    if precision == "ieee":
+        return [IEEE_CONFIGS[max(64, block_d)][name]]
+    if precision == "tf32":
+        return [(TF32_CONFIGS_256 if block_d > 128 else TF32_CONFIGS)[name]]
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[name][block_d]
     return table if os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0" else table[:1]
 
@@ -614,14 +624,13 @@ def _configs(name, block_d, fp32):
 @functools.cache
 def _autotuned(name, block_d):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _configs(name, block_d, fp32=False)]
+               for m, n, w, s in _configs(name, block_d)]
     return triton.autotune(configs, key=AUTOTUNE_KEY)(KERNELS[name])
 
 
 def _launch(name, block_d, grid, args, consts):
     """Run kernel `name` with grid(BLOCK_M, BLOCK_N): a fixed config, or autotuned over a list."""
-    fp32 = args[0].dtype == torch.float32
-    configs = _configs(name, block_d, fp32)
+    configs = _configs(name, block_d, consts["PRECISION"] if args[0].dtype == torch.float32 else None)
     if len(configs) == 1:
         m, n, w, s = configs[0]
         KERNELS[name][grid(m, n)](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
@@ -669,9 +678,11 @@ def _flash_scale(q, scale):
 
 
 def _flash_supported(q, k, v, scale=None):
+    """Whether attention(impl="auto") runs the kernel on these inputs."""
+    exact_fp32_d256 = q.dtype == torch.float32 and q.shape[-1] > 128 and _precision(q.dtype) == "ieee"
     return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
             and (scale is None or scale > 0) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and k.dtype == q.dtype and v.dtype == q.dtype)
+            and k.dtype == q.dtype and v.dtype == q.dtype and not exact_fp32_d256)  # it spills: see IEEE_CONFIGS
 
 
 def _precision(dtype):

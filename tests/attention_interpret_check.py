@@ -169,7 +169,7 @@ def run_autotune_check(torch, A):
         return triton.autotune(cfgs, key=A.AUTOTUNE_KEY, do_bench=fake_bench)(A.KERNELS[name])
 
     saved = A._configs, A._autotuned
-    A._configs, A._autotuned = (lambda name, block_d, fp32: configs), autotuned
+    A._configs, A._autotuned = (lambda name, block_d, precision=None: configs), autotuned
     try:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(2, 2, 37, 32, generator=g).requires_grad_() for _ in range(3))

@@ -131,13 +131,16 @@ SASS_SHOWN = ("HGMMA", "FFMA", "FMUL", "FADD", "FMNMX", "MUFU", "FSEL", "F2FP", 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "tf32"],
+                   help="fp32: exact dots (IEEE_CONFIGS); tf32: fp32 inputs, TF32 dots (TF32_CONFIGS)")
     p.add_argument("--head-dims", default="16,32,64,128,256")
     p.add_argument("--kernels", default="fwd,dkdv,dq,decode")
     p.add_argument("--sass", default="", help="comma-separated kernels whose SASS opcodes are counted too")
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    tables = {"fwd": A.FWD_CONFIGS, "dkdv": A.DKDV_CONFIGS, "dq": A.DQ_CONFIGS}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
+    precision = {"fp32": "ieee", "tf32": "tf32"}.get(args.dtype)
+    if precision:  # the launchers read the dot precision from PyTorch's matmul setting
+        torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
     print(f"triton {triton.__version__}, {os.path.basename(tool('ptxas'))}, sm_90a, {args.dtype}")
     failures = 0
     variants = ((False, False), (True, False), (True, True))  # (causal, key padding)
@@ -152,7 +155,7 @@ def main():
                 runs = [(launches[(causal, padded)][name],
                          dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s),
                          f"{(m, n, w, s)} causal={causal} kpm={padded}")
-                        for m, n, w, s in tables[name][d]
+                        for m, n, w, s in A._configs(name, d, precision)
                         for causal, padded in variants]
             for (fn, fn_args, fn_kwargs), config, label in runs:
                 try:

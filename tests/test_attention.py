@@ -261,6 +261,10 @@ def test_gpu_fp32_and_dispatcher():
     assert (out - A.attention_reference(q, k, v, causal=True)).abs().max() < 1e-4
     assert (A.flash_decode(q[:, :, -1:], k, v, num_splits=4)
             - A.attention_reference(q[:, :, -1:], k, v)).abs().max() < 1e-4
+    # exact fp32 dots at D = 256 spill: "auto" takes SDPA there, the kernel still computes them
+    q, k, v = (rand(1, 2, 40, 256, device="cuda", seed=s) for s in (1, 2, 3))
+    assert torch.get_float32_matmul_precision() == "highest" and not A._flash_supported(q, k, v)
+    assert (A.flash_attention(q, k, v) - A.attention_reference(q, k, v)).abs().max() < 1e-4
 
 
 @cuda
