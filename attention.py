@@ -579,8 +579,8 @@ DQ_CONFIGS = {
     256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
 }
 # fp32 inputs get one config per kernel (`python tests/attention_ptxas_check.py --dtype tf32|fp32`).
-# TF32 dots run on the tensor cores: small tiles, since fp32 tiles take twice the shared memory (under
-# 1 KB spilled, at D = 256). Exact ("ieee") dots run on the FMA units and keep whole operand rows in
+# TF32 dots run on the tensor cores: small tiles, since fp32 tiles take twice the shared memory (the
+# dK/dV kernel spills up to ~900 bytes at D >= 128, the others < 100). Exact ("ieee") dots run on the FMA units and keep whole operand rows in
 # registers, so they need smaller tiles still: these spill at most 24 bytes at D <= 128 under Triton
 # 3.6 and 3.9. At D = 256 every tile tried spilled 17-70 KB per thread, so attention(impl="auto")
 # sends exact fp32 at D = 256 to SDPA.
