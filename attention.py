@@ -864,9 +864,10 @@ def _setup_context(ctx, inputs, output):
     o, lse2 = output
     ctx.save_for_backward(q, k, v, o, lse2, kpm)
     ctx.causal, ctx.scale = causal, scale
+    ctx.set_materialize_grads(False)  # lse2 is an internal output: no zero gradient is made for it
 
 
-def _backward(ctx, do, _dlse2):  # lse2 is an internal output: its gradient is never used
+def _backward(ctx, do, _dlse2):  # _dlse2 is None
     q, k, v, o, lse2, kpm = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq)
