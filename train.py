@@ -230,6 +230,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    wait_group: object = None  # the process group barrier() waits in (several processes only)
 
     @property
     def main(self):
@@ -246,8 +247,9 @@ class Dist:
         return sums[0] if len(sums) == 1 else sums
 
     def barrier(self):
+        """Wait for every process: the others wait here while rank 0 evaluates or writes a checkpoint."""
         if self.world > 1:
-            torch_dist.barrier()
+            torch_dist.barrier(group=self.wait_group)
 
 
 def setup(cfg):
@@ -265,19 +267,22 @@ def setup(cfg):
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     else:
         device = torch.device("cpu")
-    if world > 1 and not torch_dist.is_initialized():
-        # Rank 0 evaluates alone (captions, the final report) while the others wait at a barrier:
-        # a timeout well above that wait, not the default 10 minutes.
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      timeout=datetime.timedelta(hours=2))
-    return Dist(rank, world, device)
+    wait_group = None
+    if world > 1:
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 evaluates alone (captions, the final report) while the others wait at a barrier. That
+        # wait gets its own CPU group with a long timeout; the training collectives keep the default
+        # one (10 minutes under NCCL), so processes that fall out of step fail soon instead of hanging.
+        wait_group = torch_dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+    return Dist(rank, world, device, wait_group)
 
 
 def autocast_dtype(cfg, device):
     """None for fp32, else the autocast dtype."""
     p = cfg.precision
     if p == "auto":
-        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
@@ -538,16 +543,18 @@ def flops_per_sample(model, text_len):
 # so a crash mid-write never leaves a broken checkpoint behind.
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+def rng_state(device):
+    """This process's random states. On CUDA only its own device's: a resumed run may see fewer GPUs."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "python": random.getstate(), "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
                                                    for v in np.random.get_state()]}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and torch.is_tensor(state["cuda"]):  # a CPU run's checkpoint has none
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
@@ -716,7 +723,6 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
             raise SystemExit(f"train.py: error: {stage} loss is {loss_value} at step {step}; "
                              "lower the learning rate or use --precision=fp32")
         elapsed = time.perf_counter() - t0
-        t0 = time.perf_counter()
         samples_s = batch_size / elapsed
         record = {"stage": stage, "step": step, "loss": round(loss_value, 6),
                   "lr": lr_used, "samples_per_s": round(samples_s, 2),
@@ -738,6 +744,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
             state = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "skipped": skipped}
             if on_step(step, model, state):
                 break
+        t0 = time.perf_counter()  # after on_step: evaluation and checkpoints are not charged to a step
     bar.close()
     if skipped:
         logger.print(f"{stage}: skipped {skipped} unreadable image(s) (paths in the warnings above)")
@@ -886,11 +893,13 @@ def main(argv=None):
             raise SystemExit(f"train.py: error: --resume: {ckpt_path} is not a train.py checkpoint ({e})")
         # The same run: its saved config, with what this command line changes (e.g. more --steps).
         given = {k: v for k, v in given.items() if k != "resume"}
-        fixed = sorted(set(given) & set(RESUME_FIXED))
+        saved = TrainConfig(**json.loads(resume["config"]))
+        fixed = sorted(k for k in set(given) & set(RESUME_FIXED) if given[k] != getattr(saved, k))
         if fixed:
             raise SystemExit(f"train.py: error: --resume continues the saved optimizer and schedule; "
-                             f"--{fixed[0]} cannot change (start a new run in another --out_dir)")
-        cfg = dataclasses.replace(TrainConfig(**json.loads(resume["config"])), **given, resume=True)
+                             f"--{fixed[0]} cannot change from {getattr(saved, fixed[0])} (start a new run "
+                             f"in another --out_dir)")
+        cfg = dataclasses.replace(saved, **given, resume=True)
         check_config(cfg)
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         raise SystemExit(f"train.py: error: {ckpt_path} holds a run already: continue it with --resume, start "
@@ -938,7 +947,8 @@ def main(argv=None):
         checkpoint_blocks(list(model.lm.transformer.h) + list(model.vit.blocks))
     torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on
     if resume is not None:
-        set_rng_state(resume["rng"][dist.rank] if len(resume["rng"]) == dist.world else resume["rng"][0])
+        set_rng_state(resume["rng"][dist.rank] if len(resume["rng"]) == dist.world else resume["rng"][0],
+                      dist.device)
     logger.print(adapter_report(model, model.lm))
 
     collate_fn = functools.partial(data.collate, tokenizer=model.tokenizer, image_size=model.image_size,
@@ -950,10 +960,10 @@ def main(argv=None):
         steps_this_run[0] += 1
         stop = cfg.stop_after > 0 and steps_this_run[0] >= cfg.stop_after and step < cfg.steps
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
-            rngs = [rng_state()]
+            rngs = [rng_state(dist.device)]
             if dist.world > 1:
                 rngs = [None] * dist.world
-                torch_dist.all_gather_object(rngs, rng_state())
+                torch_dist.all_gather_object(rngs, rng_state(dist.device))
             if dist.main:
                 save_checkpoint(ckpt_path, model, {
                     "step": step, "optimizer": state["optimizer"].state_dict(),
@@ -974,11 +984,10 @@ def main(argv=None):
                steps=cfg.steps, batch_size=cfg.batch_size, groups=param_groups(model, cfg),
                schedule=(cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio), start_step=start_step,
                resume_state=resume, on_step=on_step)
+    record = None
     if stopped["early"]:
         logger.print(f"stopped after step {step} of {cfg.steps}; continue with --resume --out_dir={cfg.out_dir}")
-        return None
-    record = None
-    if dist.main:
+    elif dist.main:
         record = final_report(model, val_set, collate_fn, cfg, dist, logger, step)
         minutes = (time.perf_counter() - t_start) / 60
         print(f"checkpoint: {ckpt_path} ({minutes:.1f} min); caption an image with\n"

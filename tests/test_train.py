@@ -154,7 +154,7 @@ def test_resume_continues_the_same_run(tmp_path):
     with open(tmp_path / "split" / "log.jsonl", "a") as f:  # a crash after step 4 was logged, not saved
         f.write(json.dumps({"stage": "stage 2: magma", "step": 4, "loss": 0.0}) + "\n")
         f.write('{"stage": "eval", "st')  # and a line cut short
-    train.main([f"--out_dir={tmp_path / 'split'}", "--resume"])
+    train.main(args(tmp_path / "split", **common) + ["--resume"])  # the same command line again, resumed
     straight, split = log(tmp_path / "straight"), log(tmp_path / "split")
     assert [r["step"] for r in split] == list(range(1, 7))  # step 4 once: the crash's record was dropped
     assert len(log(tmp_path / "split", "stage 1: language model")) == 3  # stage 1's records were kept
