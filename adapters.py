@@ -145,7 +145,9 @@ class Adapted(nn.Module):
     def forward(self, x, *args, **kwargs):
         out = self.module(x, *args, **kwargs)
         y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-        y = y + self.adapter(x if self.parallel else y)
+        # In y's dtype: under CUDA autocast a LayerNorm before the module outputs fp32, and the adapter
+        # returns its input's dtype; added as is, it would promote q, k, v (LoRA on c_attn) to fp32.
+        y = y + self.adapter(x if self.parallel else y).to(y.dtype)
         return y if rest is None else (y,) + tuple(rest)
 
 

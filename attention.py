@@ -691,7 +691,10 @@ def _precision(dtype):
         return "tf32"  # ignored by Triton for fp16/bf16 inputs
     # "ieee", "tf32" or "none" (inherit the global setting); torch.set_float32_matmul_precision and
     # allow_tf32 set it too. (torch.get_float32_matmul_precision() raises once the APIs are mixed.)
-    setting = torch.backends.cuda.matmul.fp32_precision
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # PyTorch < 2.9: allow_tf32 alone
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    setting = matmul.fp32_precision
     if setting == "none":
         setting = torch.backends.fp32_precision
     return "tf32" if setting == "tf32" else "ieee"

@@ -372,7 +372,7 @@ class GPT(nn.Module):
             out.append(nxt[:, None])
             if i == max_new_tokens - 1:
                 break
-            if eos_id is not None and bool(done.all()):  # every row finished: pad with eos and stop
+            if eos_id is not None and i % EOS_CHECK_EVERY == 0 and bool(done.all()):  # all finished: pad, stop
                 out.append(torch.full((B, max_new_tokens - i - 1), eos_id, dtype=idx.dtype, device=idx.device))
                 break
             logits = step(nxt[:, None])
@@ -400,6 +400,13 @@ class GPT(nn.Module):
 # Decoding one token at a time. After the prompt is prefilled, every step has the same shapes, so it can
 # be recorded once as a CUDA graph and replayed: one launch per token instead of a dozen per layer,
 # which is what bounds small-batch decoding on a GPU (the GPU waits for Python, not the reverse).
+
+# With an eos, generation asks the device whether every row has finished only every EOS_CHECK_EVERY
+# steps: each question makes the host wait for the GPU, which could otherwise queue steps ahead. A row
+# that finished keeps emitting eos meanwhile, so the result is the same; a batch may run up to that
+# many steps more than it needs.
+EOS_CHECK_EVERY = 8
+
 
 class DecodeStep:
     """step(ids (B, 1)) -> logits (B, vocab) float32 of the next position, for a prefilled KV cache.

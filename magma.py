@@ -30,7 +30,7 @@ from PIL import Image
 
 from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
 from data import ImageError, clip_preprocess, load_image
-from gpt import GPT, DecodeStep, GPTConfig, load_checked, sample_next
+from gpt import EOS_CHECK_EVERY, GPT, DecodeStep, GPTConfig, load_checked, sample_next
 from tokenizer import ByteTokenizer, Tokenizer
 from vit import PRESETS, ViT, ViTConfig
 
@@ -355,7 +355,7 @@ class Magma(nn.Module):
                 out.append(token)
                 if eos_id is not None:
                     done |= token == eos_id  # a finished row runs on with the others; its tail is cut below
-                    if bool(done.all()):  # the one read back from the device per step, and only with eos
+                    if i % EOS_CHECK_EVERY == 0 and bool(done.all()):  # a read back from the device
                         break
                 if i < max_new_tokens - 1:
                     logits = step(token[:, None])

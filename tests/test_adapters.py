@@ -190,6 +190,24 @@ def test_fp32_adapters_in_a_bf16_model():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(lm))
 
 
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_adapter_output_joins_in_the_modules_dtype(kind):
+    """CUDA autocast runs LayerNorm in fp32, so an fp32 x can reach a projection that returns bf16. The
+    sum must stay bf16: an fp32 LoRA delta on c_attn would otherwise turn q, k, v (and the attention
+    kernel) into fp32. (CPU autocast keeps LayerNorm in bf16; a cast stands in for the projection.)"""
+    class ToBf16(nn.Module):
+        def forward(self, x):
+            return x.to(torch.bfloat16)
+
+    adapter = LoRA(16, 16) if kind == "lora" else Adapter(16, downsample=4, init="normal", init_std=0.1)
+    module = Adapted(ToBf16(), adapter, parallel=kind == "lora")
+    x = torch.randn(2, 3, 16)  # fp32, as a LayerNorm's output under CUDA autocast
+    y = module(x)
+    assert y.dtype == torch.bfloat16
+    expected = x.to(torch.bfloat16) + adapter(x if kind == "lora" else x.to(torch.bfloat16)).to(torch.bfloat16)
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("layernorm", [False, True])
 def test_under_autocast_fp32_adapters_skip_the_cast_and_give_the_same_result(layernorm):
     """Under bf16 autocast an fp32 adapter reads bf16 x as it is: no fp32 copy of x, the same output

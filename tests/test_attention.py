@@ -151,6 +151,14 @@ def test_fp32_dot_precision_follows_torch_settings():
     assert torch.get_float32_matmul_precision() == old_global
 
 
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_fp32_dot_precision_before_pytorch_2_9(monkeypatch, allow_tf32):
+    """PyTorch < 2.9 has no fp32_precision setting: allow_tf32 alone decides."""
+    import types
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow_tf32))
+    assert A._precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+
+
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     q, k = rand(1, 2, 5, 8), rand(1, 2, 6, 8)
     with pytest.raises(ValueError, match="'flash'"):

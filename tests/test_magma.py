@@ -268,9 +268,11 @@ def test_training_loss_and_decode_step_trace_as_one_graph(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_generation_equals_eager():
-    model = sharpen(tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))).cuda().eval()
+    on_cpu = sharpen(tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))).eval()
+    model = copy.deepcopy(on_cpu).cuda()
     batch = [[pixels(1)[0], "ab"], ["a longer prompt"], [pixels(1)[0]]]
     eager = model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=False)
+    assert eager == on_cpu.generate_ids(batch, max_new_tokens=10, temperature=0, eos=False)  # the GPU paths too
     assert model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=False, cuda_graph=True) == eager
     stop = eager[1][4]  # rows end at their own eos with the graph too
     assert (model.generate_ids(batch, max_new_tokens=10, temperature=0, eos=stop, cuda_graph=True)
