@@ -281,8 +281,9 @@ def setup(cfg):
 def autocast_dtype(cfg, device):
     """None for fp32, else the autocast dtype."""
     p = cfg.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if p == "auto":  # bf16 where the GPU computes it natively (compute capability 8.0+: Ampere and newer)
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        p = "bf16" if native_bf16 else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
