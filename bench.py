@@ -378,6 +378,26 @@ def attention_impl(impl):
 
 
 @contextlib.contextmanager
+def timed_graph_captures(times_ms):
+    """Append the host time of every CUDA graph recording (gpt.DecodeStep._capture: two warm-up steps,
+    capture, instantiation) made inside the block to times_ms: what each generate call pays that a
+    graph kept from one call to the next would not."""
+    import gpt
+    record = gpt.DecodeStep._capture
+
+    def timed(step):
+        t0 = time.perf_counter()
+        record(step)
+        times_ms.append(1e3 * (time.perf_counter() - t0))
+
+    gpt.DecodeStep._capture = timed
+    try:
+        yield
+    finally:
+        gpt.DecodeStep._capture = record
+
+
+@contextlib.contextmanager
 def default_dtype(dtype):
     """New parameters are created in `dtype` inside the block (a 6B model never exists in fp32)."""
     old = torch.get_default_dtype()
@@ -694,18 +714,22 @@ def bench_generate(args):
                 row["note"] = "eager: CUDA graphs are left out of the CPU smoke run"
             rows.append(row)
             free_memory()
+            captures = []
             try:
                 with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
                     fn = lambda: runs[assembly](pixels, prompt, graph)
                     tokens = fn()
                     if any(len(t) != new for t in tokens):
                         raise RuntimeError(f"{name} produced {[len(t) for t in tokens]} tokens, expected {new} per row")
-                    ms = time_ms(fn, warmup, iters, device.type == "cuda")
+                    with timed_graph_captures(captures):
+                        ms = time_ms(fn, warmup, iters, device.type == "cuda")
             except Exception as e:  # out of memory, a failed graph capture, ...: recorded, the next row runs
                 row["note"] = failure_note(e)
                 continue
             row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3),
                        peak_gib=peak_gib(device, resident=other_weights[assembly]))
+            if captures:
+                row["capture_ms"] = statistics.median(captures)
             if name == "transformers":
                 reference = tokens
             if reference is not None:  # the fraction of tokens equal to transformers' (bf16 may drift)
@@ -716,12 +740,13 @@ def bench_generate(args):
         if base is not None and "tokens_per_s" in base and "tokens_per_s" in r:
             r["x_vs_tf"] = r["tokens_per_s"] / base["tokens_per_s"]
     columns = ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step", "tokens_per_s",
-               "x_vs_tf", "agree", "peak_gib", "note"]
+               "x_vs_tf", "agree", "capture_ms", "peak_gib", "note"]
     return {"benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
             "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
                       "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
             "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
-                      "graph where there is one), EOS off",
+                      "graph where there is one), EOS off; capture_ms: the median host time of that recording "
+                      "within a call",
             "peak_gib": "peak memory allocated during the row, less the other model's weights (both stay on "
                         "the GPU)",
             "columns": columns, "rows": rows}
