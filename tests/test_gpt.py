@@ -220,7 +220,7 @@ def test_decode_step_refusals(models):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("impl", ["sdpa", "auto"])
 @pytest.mark.parametrize("name", ["gpt2", "gptj"])
-def test_cuda_graph_decoding_equals_eager(models, name, impl, monkeypatch):
+def test_cuda_graph_decoding_equals_eager(models, name, impl, monkeypatch, no_tf32):
     """The recorded-and-replayed decode step gives the tokens of the eager one, twice in a row, and
     both give the CPU model's tokens (checked against transformers above): a bug the GPU paths share
     (the Triton decode kernel, the masked prefill) cannot hide behind their agreement."""

@@ -267,7 +267,7 @@ def test_training_loss_and_decode_step_trace_as_one_graph(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_generation_equals_eager():
+def test_cuda_graph_generation_equals_eager(no_tf32):
     on_cpu = sharpen(tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))).eval()
     model = copy.deepcopy(on_cpu).cuda()
     batch = [[pixels(1)[0], "ab"], ["a longer prompt"], [pixels(1)[0]]]
