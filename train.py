@@ -126,7 +126,8 @@ class TrainConfig:
     eval_images: int = opt(4, "fixed validation images whose greedy captions are logged")
     log_every: int = opt(10, "write a JSON Lines log record every N steps")
     save_every: int = opt(1000, "write the checkpoint every N stage-2 steps (0 = only at the end)")
-    out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here")
+    out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here (on several nodes: a "
+                                     "folder they all see)")
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
     overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its checkpoint is replaced)")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
