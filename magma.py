@@ -402,12 +402,13 @@ class Magma(nn.Module):
             names.append(name)
         return names
 
-    def save(self, path, include_lm=None):
+    def save(self, path, include_lm=None, extra=None):
         """Write the config and the trained weights to `path`, atomically (temporary file, then rename).
 
         The frozen LM's weights are left out when the LM was loaded from a path (and a frozen pretrained
         ViT's), with a fingerprint to check them against at load time; include_lm=True stores them anyway.
         An LM that no path can rebuild (random, or pretrained in this run) is always stored.
+        `extra` adds entries to the file (train.py keeps its optimizer, schedule and step under "train").
         """
         include_lm = (not self._lm_is_loadable()) if include_lm is None else bool(include_lm)
         if not include_lm and not self._lm_is_loadable():
@@ -425,6 +426,10 @@ class Magma(nn.Module):
             "fingerprint": dict(self.base_fingerprint),
             "state_dict": {name: state[name].detach().cpu() for name in self._saved_names(include_lm, include_vit)},
         }
+        for key, value in (extra or {}).items():
+            if key in checkpoint:
+                raise ValueError(f"save(extra=...): {key!r} is one of the checkpoint's own entries")
+            checkpoint[key] = value
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -437,11 +442,13 @@ class Magma(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path, lm=None, vit=None, tokenizer=None):
+    def load(cls, path, lm=None, vit=None, tokenizer=None, checkpoint=None):
         """Rebuild a model saved by save(). Base weights the file does not hold come from `lm` / `vit`
         (instances or paths) or else from the paths recorded at training time, and must match the
-        fingerprints recorded then."""
-        checkpoint = read_magma_checkpoint(path)
+        fingerprints recorded then. A caller that has read the file already (read_magma_checkpoint(path))
+        passes what it read as `checkpoint`, and the file is not read again."""
+        if checkpoint is None:
+            checkpoint = read_magma_checkpoint(path)
         try:
             config = MagmaConfig(**json.loads(checkpoint["config"]))
         except (TypeError, ValueError) as e:  # a field this code does not know, or a bad value

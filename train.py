@@ -563,21 +563,8 @@ def set_rng_state(state, device):
 
 
 def save_checkpoint(path, model, train_state):
-    """Magma.save, then the training state added, then an atomic rename."""
-    tmp = f"{path}.model.tmp{os.getpid()}"
-    model.save(tmp)
-    try:
-        checkpoint = torch.load(tmp, map_location="cpu", weights_only=True)
-    finally:
-        os.remove(tmp)
-    checkpoint["train"] = train_state
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Magma.save with the training state added under "train" (written to a temporary file, then renamed)."""
+    model.save(path, extra={"train": train_state})
 
 
 def save_lm(path, lm, cfg):
@@ -885,12 +872,13 @@ def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
 def main(argv=None):
     cfg, given = parse_config(argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resume = None
+    resume = saved_file = None
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"train.py: error: --resume: no checkpoint at {ckpt_path}")
         try:
-            resume = read_magma_checkpoint(ckpt_path)["train"]
+            saved_file = read_magma_checkpoint(ckpt_path)  # read once: the model below comes from it too
+            resume = saved_file["train"]
         except (KeyError, ValueError) as e:
             raise SystemExit(f"train.py: error: --resume: {ckpt_path} is not a train.py checkpoint ({e})")
         # The same run: its saved config, with what this command line changes (e.g. more --steps).
@@ -922,7 +910,8 @@ def main(argv=None):
 
     # Stage 1: the "pretrained" language model (tiny LM only), then stage 2 around it.
     if resume is not None:
-        model = Magma.load(ckpt_path)
+        model = Magma.load(ckpt_path, checkpoint=saved_file)
+        saved_file = None  # the weights are in the model now; the training state stays in `resume`
         start_step = resume["step"]
         logger.print(f"resuming {ckpt_path} at step {start_step}")
     else:

@@ -14,7 +14,7 @@ from PIL import Image
 from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, DecodeStep, GPTConfig, sample_next
-from magma import ImagePrefix, Magma, MagmaConfig, main
+from magma import ImagePrefix, Magma, MagmaConfig, main, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import OPENAI_NAMES, ViTConfig, rename
 
@@ -342,6 +342,21 @@ def test_save_load_self_contained(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["includes"]["lm"] and "lm.transformer.h.0.attn.c_attn.weight" in saved["state_dict"]
     same_outputs(model, Magma.load(str(path)))
+
+
+def test_save_with_extra_entries_and_load_what_was_read(tmp_path):
+    """train.py's checkpoint: Magma.save's file plus its training state, written once and read once."""
+    model = tiny_magma()
+    sgd_steps(model)
+    path = str(tmp_path / "ckpt.pt")
+    model.save(path, extra={"train": {"step": 7, "moments": torch.ones(3)}})
+    read = read_magma_checkpoint(path)
+    assert read["train"]["step"] == 7 and torch.equal(read["train"]["moments"], torch.ones(3))
+    os.remove(path)  # loading what was read does not touch the file again
+    same_outputs(model, Magma.load(path, checkpoint=read))
+    with pytest.raises(ValueError, match="'state_dict' is one of the checkpoint's own entries"):
+        model.save(path, extra={"state_dict": {}})
+    assert not os.listdir(tmp_path)
 
 
 def test_save_load_with_a_learned_tokenizer(tmp_path):
