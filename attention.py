@@ -16,9 +16,10 @@ Implementations:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with an explicit boolean mask, with the
   fully-masked rows zeroed afterwards (SDPA itself would return NaN or an average there).
 - `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below).
-- `attention` dispatches between them; `impl=` or the environment variable MAGMA_ATTENTION
-  (`auto`, `reference`, `sdpa`, `triton`) forces one. `auto` = the Triton kernel for CUDA tensors
-  when Triton imports, SDPA otherwise.
+- `attention` dispatches between them: `impl=` (which wins) or else the environment variable
+  MAGMA_ATTENTION (`auto`, `reference`, `sdpa`, `triton`) picks one. `auto` = the Triton kernel for
+  CUDA tensors it accepts when Triton imports (`_flash_supported`: fp16/bf16/fp32 alike, head dim up
+  to 256, scale > 0), SDPA otherwise.
 
 ------------------------------------------------------------------------------------------------
 How the fused kernel works (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023)
@@ -46,21 +47,25 @@ What the backward recomputes, per block (dO is the incoming gradient of O):
     P  = exp(S - lse)                  recomputed from Q, K and the saved lse
     dV = P^T dO                        (summed over query blocks)
     dP = dO V^T
-    dS = P * (dP - delta)              delta = rowsum(dO * O): the softmax Jacobian in one vector
+    dS = P * (dP - delta)              the softmax backward, with delta = rowsum(P * dP)
     dQ = dS K * scale                  (summed over key blocks)
     dK = dS^T Q * scale                (summed over query blocks)
-delta is computed once by a small pre-pass. Then two kernels: one program per key block loops over
-the query blocks and accumulates dK and dV in registers; one program per query block loops over
-the key blocks and accumulates dQ. Each output block has exactly one owner, so there are no atomic
-additions and the result is bitwise deterministic for a given launch config (FlashAttention-2's
-single kernel with atomic dQ updates is faster on some shapes but not reproducible). The autotuner
-picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins the first
-config of each list for runs that must repeat. Accumulation is fp32 throughout.
+delta_i = sum_j P_ij dP_ij = sum_j P_ij (dO_i . V_j) = dO_i . O_i, because O_i = sum_j P_ij V_j: so
+delta = rowsum(dO * O) needs neither P nor dP, and a small pre-pass computes it once. Then two
+kernels: one program per key block loops over the query blocks and accumulates dK and dV in
+registers; one program per query block loops over the key blocks and accumulates dQ. Each output
+block has exactly one owner, so there are no atomic additions and the result is bitwise
+deterministic for a given launch config (FlashAttention-2's single kernel with atomic dQ updates is
+faster on some shapes but not reproducible). The price: both kernels need S (hence P) and dP, so
+each computes them itself, seven matmuls in all where the algorithm needs five (see FLOPs below).
+The autotuner picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins
+the first config of each list for runs that must repeat. Accumulation is fp32 throughout.
 
-Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there);
-key blocks entirely below it run without any mask arithmetic; only the few blocks that cross the
-diagonal or the ragged end of the sequence (197 ViT tokens is not a multiple of 64) pay for the
-mask. A row that sees no key ends with l = 0: it stores O = 0 and lse = +inf, so the backward's
+Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there); key
+blocks entirely below it run without any causal mask arithmetic; only the few blocks that cross the
+diagonal or the ragged end of the sequence (197 ViT tokens is not a multiple of 64) pay for that
+mask. (A key padding mask, when given, is applied to every key block by the forward and dQ kernels.)
+A row that sees no key ends with l = 0: it stores O = 0 and lse = +inf, so the backward's
 P = exp(S - inf) = 0 and its gradients are exactly 0 even before any mask is applied (lse = -inf
 would give P = exp(+inf) = inf, and inf * 0 = NaN wherever a mask does not catch it).
 
@@ -70,13 +75,21 @@ chunks handled by separate programs, each producing a partial (o_s, lse_s); a se
 merges them: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) o_s.
 
 FLOPs (used by bench.py): the forward does two matmuls of 2*Tq*Tk*D each: 4*B*H*Tq*Tk*D in all,
-half that with a causal mask (Tq = Tk). The backward does five (S again, dV, dP, dQ, dK): 2.5x the
-forward.
+half that with a causal mask (Tq = Tk). The backward's algorithm needs five (S again, dV, dP, dQ,
+dK): 2.5x the forward, the count FlashAttention's papers report and bench.py credits every
+implementation with. This kernel's backward runs seven (S and dP in both of its kernels, the price
+of having no atomics), so its hardware FLOP rate is 1.4x the one bench.py reports for it.
 
 Precision: fp16 and bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use exact
 fp32 dots ("ieee") unless torch.set_float32_matmul_precision allows TF32, as for torch matmuls.
 Inputs may have any strides (e.g. q = x.view(B, T, H, D).transpose(1, 2)): every kernel takes the
-four strides of each tensor. Head dims up to 256 (16, 32, 64, 128 are the tuned ones).
+four strides of each tensor. Head dims up to 256, each with its own launch configurations; a head
+dim that is not a power of two >= 16 is padded up to one (BLOCK_D, what the kernels' "D" in shape
+comments means) and masked on load and store.
+
+Reading order: the reference and SDPA, then the Triton kernels (forward, backward, then the decode
+path), their launch configurations, the host-side launchers with their autograd wiring, and last
+the dispatcher.
 """
 import contextlib
 import functools
@@ -99,6 +112,7 @@ except ImportError as e:  # CPU-only install: the kernels below stay plain, neve
 
 IMPLEMENTATIONS = ("auto", "reference", "sdpa", "triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton runs kernels on CPU tensors
+LOG2E = 1.4426950408889634  # log2(e): the kernels work in base 2, exp(x) = exp2(x * LOG2E)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,8 +173,9 @@ def sdpa(q, k, v, causal=False, key_padding_mask=None, scale=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton kernels. Every kernel runs one program per (block of rows, batch*head): program_id(1) is
-# b * H + h. Scores are kept in base 2: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - lse2).
+# Triton kernels. The forward and backward kernels run one program per (block of rows, batch*head):
+# program_id(1) is b * H + h (the decode kernels below say how they differ). Scores are kept in base
+# 2: s2 = (q . k) * scale * log2(e), so p = exp2(s2 - lse2) and lse2 = lse * log2(e).
 # ------------------------------------------------------------------------------------------------
 
 # Triton compiles a kernel anew for each pattern of its integer arguments (== 1, divisible by 16).
@@ -213,9 +228,9 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs
         s = tl.where(pad[None, :] != 0, s, float("-inf"))
     # qk_scale > 0, so the scaled row maximum is the maximum of the unscaled scores, scaled: the scale
     # is applied once per row here and inside exp2's argument below, one fused multiply-add per score
-    # instead of a multiply and a subtract. Scalar work per score counts: the two matmuls do 4*D = 256
-    # FLOPs per score at D = 64, which an H100's tensor cores (~4096 FLOPs per clock per SM) finish in
-    # the time its FP32 units (128 per SM) take for 8 operations.
+    # instead of a multiply and a subtract. Scalar work per score counts: at D = 64 the two matmuls
+    # cost 4*D = 256 FLOPs per score, 1/16 of a clock of an H100 SM's tensor cores (~4096 FLOPs per
+    # clock); in that 1/16 clock its 128 FP32 lanes do 8 scalar operations per score, no more.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                      # (BLOCK_M,) base-2 max
     # A row that has seen only masked keys has m = -inf; subtracting 0 instead keeps exp2(-inf) = 0
     # where exp2(-inf - (-inf)) would be NaN.
@@ -259,6 +274,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                  # running numerator
 
     # Key range of this query block: [0, full) needs no mask, [full, hi) does, >= hi is invisible.
+    # Row i sees keys j <= i + (Tk - Tq): the block's last row sets hi (exclusive), its first row sets
+    # full (the keys every row of the block sees), rounded down to whole key blocks.
     if CAUSAL:
         hi = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + (Tk - Tq), 0), Tk)
         full = tl.minimum(tl.maximum(pid_m * BLOCK_M + (Tk - Tq) + 1, 0), Tk)
@@ -282,80 +299,6 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM,
     o_base = O + b * stride_ob + h * stride_oh
     _store_rows(o_base, o, offs_m, offs_d, stride_om, stride_od, Tq, HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh * Tq + offs_m, lse2, mask=offs_m < Tq)
-
-
-@triton.jit(do_not_specialize=["H", "Tk", "keys_per_split", "stride_kpm"])
-def _decode_kernel(Q, K, V, KPM, OP, LSEP,
-                   stride_qb, stride_qh, stride_qd,
-                   stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd,
-                   stride_kpm, H, Tk, keys_per_split, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Flash-decoding, step 1: one query row against keys [split * keys_per_split, ...)."""
-    split = tl.program_id(0)
-    n_splits = tl.num_programs(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd,
-                mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)        # (D,)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)                    # scalar running max
-    l_i = tl.full([], 0.0, dtype=tl.float32)                                # scalar denominator
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                             # (D,) numerator
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, Tk)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
-        # One query row: a dot product per key is a multiply and a row sum, no tensor cores needed.
-        k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, BLOCK_D)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale             # (BLOCK_N,)
-        keep = cols < hi
-        if HAS_KPM:
-            keep = keep & (tl.load(KPM + b * stride_kpm + cols, mask=cols < hi, other=0) != 0)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe)                                         # (BLOCK_N,)
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, BLOCK_D)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        m_i = m_new
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(OP + (pid_bh * n_splits + split) * BLOCK_D + offs_d, o)      # (B*H, splits, BLOCK_D)
-    tl.store(LSEP + pid_bh * n_splits + split, lse2)                       # (B*H, splits)
-
-
-@triton.jit(do_not_specialize=["H", "n_splits"])
-def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Flash-decoding, step 2: O = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s)."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LSEP + pid_bh * n_splits + offs_s, mask=offs_s < n_splits,
-                    other=float("-inf"))                                    # (BLOCK_S,)
-    o_s = tl.load(OP + (pid_bh * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
-                  mask=offs_s[:, None] < n_splits, other=0.0)              # (BLOCK_S, BLOCK_D)
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_s - m_safe)                                        # (BLOCK_S,)
-    total = tl.sum(w, 0)
-    empty = total == 0.0
-    o = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)         # (BLOCK_D,)
-    lse2 = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, total)))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, o.to(O.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-    tl.store(LSE + pid_bh, lse2)
 
 
 @triton.jit(do_not_specialize=["H", "Tq"])
@@ -400,6 +343,9 @@ def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # dP^T = V dO^T
     dsT = pT * (dpT - delta[None, :])                                        # dS^T
     dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)             # dK += dS^T Q
+    # No mask for keys past Tk (loaded as k = v = 0): each key's row of dK and dV depends on that key
+    # alone, so those rows may hold anything (even inf or NaN) and _store_rows never writes them.
+    # The dQ kernel must mask them: there every key's column is summed into each row of dQ.
     return dk, dv
 
 
@@ -434,7 +380,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query range that sees this key block: [lo, full) crosses the diagonal (masked), [full, Tq)
-    # sees every key of the block; queries before lo see none of it and are skipped.
+    # sees every key of the block; queries before lo see none of it and are skipped. Key j is seen by
+    # rows i >= j - (Tk - Tq): the block's first key sets lo, its last key sets full (both rounded
+    # to whole query blocks, lo down and full up).
     if CAUSAL:
         lo = (tl.maximum(pid_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
         full = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
@@ -457,7 +405,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
         keep = tl.load(KPM + b * stride_kpm + offs_n, mask=offs_n < Tk, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
-    dk = dk * sm_scale                                                       # S = scale * Q K^T
+    # P is exp2(s2 - lse2) in base 2, but dS is the gradient with respect to the natural-log scores
+    # S = scale * Q K^T, so the chain rule brings in sm_scale (not qk_scale = sm_scale * log2(e)).
+    dk = dk * sm_scale
     _store_rows(DK + b * stride_dkb + h * stride_dkh, dk, offs_n, offs_d, stride_dkn, stride_dkd, Tk,
                 HEAD_DIM, BLOCK_D)
     _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
@@ -534,9 +484,90 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
         dq = _bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
                            stride_kn, stride_kd, stride_vn, stride_vd, Tq, Tk, qk_scale,
                            HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, HAS_KPM, True, PRECISION)
-    dq = dq * sm_scale
+    dq = dq * sm_scale                                                       # as dK: S = scale * Q K^T
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, Tq,
                 HEAD_DIM, BLOCK_D)
+
+
+# The decode path for Tq = 1 ("Decoding" above): split the keys over programs, then merge.
+
+@triton.jit(do_not_specialize=["H", "Tk", "keys_per_split", "stride_kpm"])
+def _decode_kernel(Q, K, V, KPM, OP, LSEP,
+                   stride_qb, stride_qh, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_kpm, H, Tk, keys_per_split, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Flash-decoding, step 1: one query row against keys [split * keys_per_split, ...). Grid:
+    (split, b * H + h), so several programs share one row's keys."""
+    split = tl.program_id(0)
+    n_splits = tl.num_programs(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd,
+                mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)        # (D,)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)                    # scalar running max
+    l_i = tl.full([], 0.0, dtype=tl.float32)                                # scalar denominator
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                             # (D,) numerator
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Tk)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        # One query row: a dot product per key is a multiply and a row sum, no tensor cores needed.
+        k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, BLOCK_D)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale             # (BLOCK_N,)
+        keep = cols < hi
+        if HAS_KPM:
+            keep = keep & (tl.load(KPM + b * stride_kpm + cols, mask=cols < hi, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe)                                         # (BLOCK_N,)
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, BLOCK_D)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    # An empty split (every key padded) stores lse2 = -inf, unlike _fwd_kernel's +inf: the merge
+    # weighs each split by exp2(lse2_s - max), and an empty split must weigh 0. The merge itself
+    # stores +inf for a row with no key at all, as the forward does.
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(OP + (pid_bh * n_splits + split) * BLOCK_D + offs_d, o)      # (B*H, splits, BLOCK_D)
+    tl.store(LSEP + pid_bh * n_splits + split, lse2)                       # (B*H, splits)
+
+
+@triton.jit(do_not_specialize=["H", "n_splits"])
+def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Flash-decoding, step 2: O = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s). Grid:
+    (b * H + h,), one program per row merging all its splits."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LSEP + pid_bh * n_splits + offs_s, mask=offs_s < n_splits,
+                    other=float("-inf"))                                    # (BLOCK_S,)
+    o_s = tl.load(OP + (pid_bh * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                  mask=offs_s[:, None] < n_splits, other=0.0)              # (BLOCK_S, BLOCK_D)
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)                                        # (BLOCK_S,)
+    total = tl.sum(w, 0)
+    empty = total == 0.0
+    o = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)         # (BLOCK_D,)
+    lse2 = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, total)))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, o.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(LSE + pid_bh, lse2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,10 +611,10 @@ DQ_CONFIGS = {
 }
 # fp32 inputs get one config per kernel (`python tests/attention_ptxas_check.py --dtype tf32|fp32`).
 # TF32 dots run on the tensor cores: small tiles, since fp32 tiles take twice the shared memory (the
-# dK/dV kernel spills up to ~900 bytes at D >= 128, the others < 100). Exact ("ieee") dots run on the FMA units and keep whole operand rows in
-# registers, so they need smaller tiles still: these spill at most 24 bytes at D <= 128 under Triton
-# 3.6 and 3.9. At D = 256 every tile tried spilled 17-70 KB per thread, so attention(impl="auto")
-# sends exact fp32 at D = 256 to SDPA.
+# dK/dV kernel spills up to ~900 bytes at D >= 128, the others < 100). Exact ("ieee") dots run on
+# the FMA units and keep whole operand rows in registers, so they need smaller tiles still: these
+# spill at most 24 bytes at D <= 128 under Triton 3.6 and 3.9. At D = 256 every tile tried spilled
+# 17-70 KB per thread, so attention(impl="auto") sends exact fp32 at D = 256 to SDPA.
 TF32_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 TF32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
 IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 32, 8, 2)},  # D <= 64
@@ -623,13 +654,15 @@ def _configs(name, block_d, precision=None):
 
 @functools.cache
 def _autotuned(name, block_d):
+    """Kernel `name` wrapped in Triton's autotuner over its config list (made once per head dim)."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _configs(name, block_d)]
     return triton.autotune(configs, key=AUTOTUNE_KEY)(KERNELS[name])
 
 
 def _launch(name, block_d, grid, args, consts):
-    """Run kernel `name` with grid(BLOCK_M, BLOCK_N): a fixed config, or autotuned over a list."""
+    """Run kernel `name`: a fixed config, or autotuned over a list. `grid(BLOCK_M, BLOCK_N)` gives the
+    launch grid for the config chosen."""
     configs = _configs(name, block_d, consts["PRECISION"] if args[0].dtype == torch.float32 else None)
     if len(configs) == 1:
         m, n, w, s = configs[0]
@@ -663,6 +696,8 @@ def _flash_check(q, k, v, key_padding_mask):
                              f"q is {q.dtype} on {q.device}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"flash_attention supports head dims up to {MAX_HEAD_DIM}; q has {q.shape[-1]}")
+    if q.shape[1] > MAX_GRID_Y:  # a batch is split across launches when B * H is too many, not a head
+        raise ValueError(f"flash_attention supports up to {MAX_GRID_Y} heads; q has {q.shape[1]}")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 "
                            f"set before triton is imported); q is on {q.device}")
@@ -680,7 +715,7 @@ def _flash_scale(q, scale):
 def _flash_supported(q, k, v, scale=None):
     """Whether attention(impl="auto") runs the kernel on these inputs."""
     exact_fp32_d256 = q.dtype == torch.float32 and q.shape[-1] > 128 and _precision(q.dtype) == "ieee"
-    return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+    return (TRITON_IMPORT_ERROR is None and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM and q.shape[1] <= MAX_GRID_Y
             and (scale is None or scale > 0) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and k.dtype == q.dtype and v.dtype == q.dtype and not exact_fp32_d256)  # it spills: see IEEE_CONFIGS
 
@@ -758,12 +793,14 @@ def _batch_slices(B, H):
 
 
 def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
-    """Launch the forward: o like q (same layout when q is dense), lse2 (B, H, Tq) fp32 base 2."""
+    """Launch the forward: o like q (same layout when q is dense), lse2 (B, H, Tq) fp32 base 2.
+    decode_splits applies when Tq == 1: None = the decode path with an automatic split count, n >= 1
+    = the decode path with n splits, 0 = no decode path (the block kernel; bench.py compares them)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    qk_scale = scale * 1.4426950408889634  # log2(e): scores in base 2
+    qk_scale = scale * LOG2E  # scores in base 2
     if B * H * Tq == 0 or Tk == 0:
-        return torch.zeros_like(q), torch.full((B, H, Tq), float("inf"), device=q.device)
+        return torch.zeros_like(q), torch.full((B, H, Tq), float("inf"), device=q.device, dtype=torch.float32)
     if B * H > MAX_GRID_Y:  # too many rows for one grid: a launch per slice of the batch
         o, lse2 = torch.empty_like(q), torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         for s in _batch_slices(B, H):
@@ -800,7 +837,7 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
                 dq[s] = dqs
         return (dq if need_dq else None), dk, dv
     block_d = max(16, triton.next_power_of_2(D))
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
@@ -898,6 +935,8 @@ def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
     programs (None = enough to fill the GPU; 1 = one program per row; at most 64) and merged by
     log-sum-exp.
     flash_attention takes this path by itself whenever Tq == 1."""
+    if num_splits is not None and not num_splits >= 1:
+        raise ValueError(f"flash_decode: num_splits must be None (automatic) or >= 1, got {num_splits}")
     _flash_check(q, k, v, key_padding_mask)
     if q.shape[2] != 1:
         raise ValueError(f"flash_decode takes one query per row, q is {tuple(q.shape)}")

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -174,6 +175,22 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     if A.TRITON_IMPORT_ERROR is None:
         with pytest.raises(ValueError, match="float64"):
             A.flash_attention(q.double(), k.double(), k.double())
+        with pytest.raises(ValueError, match="num_splits must be None .* got 0"):
+            A.flash_decode(q[:, :, :1], k, k, num_splits=0)
+        with monkeypatch.context() as m:  # more heads than a grid axis holds: not split, refused
+            m.setattr(A, "MAX_GRID_Y", 1)
+            with pytest.raises(ValueError, match="up to 1 heads; q has 2"):
+                A.flash_attention(q, k, k)
+            fake = types.SimpleNamespace(is_cuda=True, shape=(1, 2, 5, 8), dtype=torch.float16)  # a CUDA q
+            assert not A._flash_supported(fake, fake, fake)
+        assert A._flash_supported(fake, fake, fake)
+        with torch.no_grad():  # no key: zeros, and lse2 stays fp32 whatever the default dtype
+            torch.set_default_dtype(torch.float64)
+            try:
+                o, lse2 = A._flash_forward(q, k[:, :, :0], k[:, :, :0], False, q, 0, 1.0)
+            finally:
+                torch.set_default_dtype(torch.float32)
+        assert torch.equal(o, torch.zeros_like(q)) and lse2.dtype == torch.float32 and (lse2 == math.inf).all()
         if not A.INTERPRET:
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
                 A.flash_attention(q, k, k)
