@@ -128,7 +128,8 @@ class TrainConfig:
     save_every: int = opt(1000, "write the checkpoint every N stage-2 steps (0 = only at the end)")
     out_dir: str = opt("out/shapes", "checkpoint, log.jsonl and samples.png go here (on several nodes: a "
                                      "folder they all see)")
-    resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    resume: bool = opt(False, "continue the run in out_dir from its checkpoint (with more --steps, or --lm / --vit "
+                              "where its base weights have moved; model and optimizer settings stay as saved)")
     overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its checkpoint is replaced)")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
                              "as a time-limited job would; --resume continues")
@@ -144,9 +145,13 @@ PRESETS = {
 }
 
 
-# Settings the optimizer and schedule state in a checkpoint carry: --resume refuses to change them.
+# Settings a checkpoint carries, in its optimizer and schedule state or in the model it holds: --resume
+# refuses to change them (--lm and --vit may: they name where the base weights are, which can move).
 RESUME_FIXED = ("lr", "vit_lr", "weight_decay", "beta1", "beta2", "warmup_steps", "schedule", "min_lr_ratio",
-                "batch_size", "grad_accum", "seed")
+                "batch_size", "grad_accum", "seed",
+                "lm_type", "lm_layers", "lm_embd", "lm_heads", "vit_patch", "vit_width", "vit_layers", "vit_heads",
+                "image_size", "tokenizer", "bpe_merges", "adapter_kind", "adapter_places", "adapter_downsample",
+                "prefix_dropout", "freeze_vit", "lm_steps", "lm_batch_size", "lm_lr")
 
 
 def _parse_bool(text):
@@ -204,6 +209,26 @@ def check_config(cfg):
     for name in ("lm_steps", "eval_every", "save_every", "eval_images", "stop_after", "warmup_steps", "num_workers"):
         if getattr(cfg, name) < 0:
             bad(name, "must be >= 0")
+    # Real numbers: `not lo <= x` also catches nan, which compares false with everything.
+    for name in ("lr", "vit_lr", "lm_lr", "weight_decay", "grad_clip"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            bad(name, "must be a finite number >= 0")
+    for name in ("beta1", "beta2", "prefix_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, "must be in [0, 1)")
+    for name in ("min_lr_ratio", "qa_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "must be in [0, 1]")
+    if not 0 <= cfg.seed < 2**32:
+        bad("seed", "must be in [0, 2**32)")
+    if not 1 <= cfg.max_objects <= len(data.POSITIONS):
+        bad("max_objects", f"a scene holds 1 to {len(data.POSITIONS)} objects")
+    if cfg.val_data and cfg.data == "shapes":
+        bad("val_data", "is for file datasets: --data=shapes has its own validation scenes (--val_size)")
+    if not cfg.out_dir:
+        bad("out_dir", "give a folder for the checkpoint and the log")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        bad("out_dir", "is a file, not a folder")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         bad("precision", "choose auto, fp32, bf16 or fp16")
     if cfg.lm_dtype not in ("auto", "fp32", "bf16", "fp16"):
@@ -886,31 +911,36 @@ def main(argv=None):
         saved = TrainConfig(**json.loads(resume["config"]))
         fixed = sorted(k for k in set(given) & set(RESUME_FIXED) if given[k] != getattr(saved, k))
         if fixed:
-            raise SystemExit(f"train.py: error: --resume continues the saved optimizer and schedule; "
-                             f"--{fixed[0]} cannot change from {getattr(saved, fixed[0])} (start a new run "
+            raise SystemExit(f"train.py: error: --resume continues the saved model, optimizer and schedule; "
+                             f"--{fixed[0]} cannot change from {getattr(saved, fixed[0])!r} (start a new run "
                              f"in another --out_dir)")
         cfg = dataclasses.replace(saved, **given, resume=True)
         check_config(cfg)
+        if resume["step"] >= cfg.steps:
+            raise SystemExit(f"train.py: error: --resume: the run in {cfg.out_dir} is finished ({resume['step']} "
+                             f"of --steps={cfg.steps}); give more --steps to train on")
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         raise SystemExit(f"train.py: error: {ckpt_path} holds a run already: continue it with --resume, start "
                          f"over with --overwrite, or pick another --out_dir")
     dist = setup(cfg)
     frozen_lm_dtype(cfg, dist.device)  # --lm_dtype checked against --precision before any work
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights
+    train_set, val_set = make_datasets(cfg)  # a bad --data fails here, before out_dir or its log is touched
     if dist.main:
         os.makedirs(cfg.out_dir, exist_ok=True)
     dist.barrier()
     logger = Logger(dist, os.path.join(cfg.out_dir, "log.jsonl"))
     logger.start(resume_step=resume["step"] if resume is not None else None)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights
-    train_set, val_set = make_datasets(cfg)
     tokenizer = make_tokenizer(cfg, train_set, logger) if resume is None else None
     t_start = time.perf_counter()
 
     # Stage 1: the "pretrained" language model (tiny LM only), then stage 2 around it.
     if resume is not None:
-        model = Magma.load(ckpt_path, checkpoint=saved_file)
+        # Base weights the checkpoint does not hold come from where they were, or from --lm / --vit if
+        # given now (moved); Magma.load checks them against the fingerprints saved with the run.
+        model = Magma.load(ckpt_path, checkpoint=saved_file, lm=given.get("lm"), vit=given.get("vit"))
         saved_file = None  # the weights are in the model now; the training state stays in `resume`
         start_step = resume["step"]
         logger.print(f"resuming {ckpt_path} at step {start_step}")
@@ -989,8 +1019,21 @@ def main(argv=None):
     return record
 
 
+def error_line(e):
+    """The message of a user-facing error. Raised in a DataLoader worker, it comes back with the
+    worker's traceback in its text, whose last line is the original exception and message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 if __name__ == "__main__":
     try:
         main()
     except (data.ImageError, OSError, ValueError) as e:  # a user's bad path, file or value: one line
-        sys.exit(f"train.py: error: {e}")
+        sys.exit(f"train.py: error: {error_line(e)}")
+    except KeyboardInterrupt:  # checkpoints are written by rename, so the last one is whole
+        print("\ntrain.py: interrupted; a checkpoint is only ever replaced whole: continue from the last one "
+              "with --resume", file=sys.stderr)
+        sys.exit(130)

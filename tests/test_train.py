@@ -71,6 +71,38 @@ def test_presets_and_overrides():
         train.parse_config(["--image_size=16", "--vit_patch=24", "--data=x.jsonl"])
 
 
+@pytest.mark.parametrize("flag", ["--lr=nan", "--lr=-1", "--vit_lr=inf", "--lm_lr=nan", "--weight_decay=-1",
+                                  "--grad_clip=nan", "--beta1=1.5", "--beta2=nan", "--prefix_dropout=1",
+                                  "--min_lr_ratio=nan", "--qa_fraction=2", "--seed=-1", "--max_objects=0",
+                                  "--max_objects=10", "--val_data=val.jsonl", "--out_dir="])
+def test_bad_values_are_refused_up_front_naming_the_flag(flag):
+    with pytest.raises(SystemExit, match=f"train.py: error: {flag.split('=')[0]}="):
+        train.parse_config([flag])
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit, match="--out_dir=.*afile.*is a file, not a folder"):
+        train.main([f"--out_dir={tmp_path / 'afile'}"])
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, idx):
+        raise data.ImageError("image not found: gone.png")
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_in_one_line():
+    with pytest.raises(data.ImageError) as e:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)  # the worker's traceback rides along in the message
+    assert train.error_line(e.value) == "image not found: gone.png"
+    assert train.error_line(ValueError("bad value: 3")) == "bad value: 3"
+
+
 def test_lr_schedule():
     f = lambda s, kind: train.lr_factor(s, 100, 10, kind, 0.1)  # noqa: E731
     assert f(0, "cosine") == pytest.approx(0.1) and f(9, "cosine") == pytest.approx(1.0)
@@ -164,13 +196,21 @@ def test_resume_continues_the_same_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([f"--out_dir={tmp_path / 'nothing'}", "--resume"])
-    # What a checkpoint's optimizer state fixes cannot change on resume, and a run is never overwritten unasked.
-    with pytest.raises(SystemExit, match="--lr cannot change"):
+    # What a checkpoint's optimizer state or model fixes cannot change on resume, a finished run has
+    # nothing to resume, and a run is never overwritten unasked, nor its log by a command that fails.
+    with pytest.raises(SystemExit, match="--lr cannot change from 0.002"):
         train.main([f"--out_dir={tmp_path / 'split'}", "--resume", "--lr=0.5"])
-    saved = state(tmp_path / "split")["train"]["step"]
+    with pytest.raises(SystemExit, match="--lm_layers cannot change from 1"):
+        train.main([f"--out_dir={tmp_path / 'split'}", "--resume", "--steps=9", "--lm_layers=5"])
+    with pytest.raises(SystemExit, match="is finished \\(6 of --steps=6\\); give more --steps"):
+        train.main([f"--out_dir={tmp_path / 'split'}", "--resume"])
+    saved, logged = state(tmp_path / "split")["train"]["step"], (tmp_path / "split" / "log.jsonl").read_text()
     with pytest.raises(SystemExit, match="holds a run already.*--resume.*--overwrite"):
         train.main(args(tmp_path / "split", **common))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        train.main(args(tmp_path / "split", overwrite=True, data=str(tmp_path / "nope.jsonl")))
     assert state(tmp_path / "split")["train"]["step"] == saved
+    assert (tmp_path / "split" / "log.jsonl").read_text() == logged
     train.main(args(tmp_path / "split", overwrite=True, **dict(common, steps=1)))
     assert state(tmp_path / "split")["train"]["step"] == 1
     assert [r["step"] for r in log(tmp_path / "split")] == [1]  # a new run, a new log
@@ -271,3 +311,10 @@ def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
     caption = magma.main(["--checkpoint", str(out / "ckpt.pt"), "--image", str(tmp_path / "0.png"),
                           "--temperature", "0", "--max-new-tokens", "5"])
     assert isinstance(caption, str)
+    # The base LM moved: --resume finds it where --lm now says (and checks it is the same weights).
+    os.rename(lm_dir, tmp_path / "moved")
+    with pytest.raises(ValueError, match="could not load the base LM"):
+        train.main([f"--out_dir={out}", "--resume", "--steps=4"])
+    train.main([f"--out_dir={out}", "--resume", "--steps=4", f"--lm={tmp_path / 'moved'}"])
+    assert [r["step"] for r in log(out)] == [1, 2, 3, 4] and state(out)["train"]["step"] == 4
+    assert json.loads(state(out)["config"])["lm"] == str(tmp_path / "moved")  # the next resume needs no --lm
