@@ -129,9 +129,24 @@ def print_table(rows, columns):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_json(path, payload):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+def check_json_path(command, path):
+    """Before any benchmark runs: --json must name a file in an existing folder (else one clear line)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"bench.py {command}: --json {path} is a folder; give a file name, "
+                         f"e.g. {os.path.join(path, command + '.json')}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"bench.py {command}: --json {path}: the folder {folder} does not exist")
+
+
+def write_json(command, path, payload):
+    """Write the results; a failure (disk full, folder removed meanwhile) is one line, the table is printed."""
+    try:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+    except OSError as e:
+        raise SystemExit(f"bench.py {command}: cannot write --json {path} ({e.strerror or e}); "
+                         f"the results are in the table above") from None
     print(f"wrote {path}")
 
 
@@ -217,8 +232,9 @@ def bench_attention(args):
     device = "cuda" if cuda else "cpu"
     dtype = DTYPES[args.dtype] if cuda else torch.float32  # the interpreter mishandles bf16 dots
     shapes = ATTENTION_SHAPES if cuda else SMOKE_SHAPES
-    if args.shapes:
-        shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
+    if args.shapes:  # the names of this run's table: --cpu-smoke on a CPU has its own tiny shapes
+        picked = pick_variants("attention", [s[0] for s in shapes], args.shapes, flag="--shapes")
+        shapes = [s for s in shapes if s[0] in picked]
     warmup, iters = (args.warmup, args.iters) if cuda else (0, 1)
     rows = new_rows()
     for name, B, H, Tq, Tk, D, causal in shapes:
@@ -324,19 +340,30 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    """argparse type: an integer >= 0 (--warmup 0: no warm-up)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def positive_ints(text):
     """argparse type: comma-separated integers >= 1, e.g. "1,32"."""
     return tuple(positive_int(t) for t in text.split(","))
 
 
-def pick_variants(command, table, names):
+def pick_variants(command, table, names, flag="--variants"):
     """The rows to run: a comma-separated subset of `table` (None = all), checked."""
     if names is None:
         return list(table)
     picked = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in picked if n not in table]
     if unknown or not picked:
-        raise SystemExit(f"bench.py {command}: unknown --variants {unknown or names!r}; choose from {','.join(table)}")
+        raise SystemExit(f"bench.py {command}: unknown {flag} {unknown or names!r}; choose from {','.join(table)}")
     return picked
 
 
@@ -849,7 +876,11 @@ def stop_child(child, grace=30):
 
 def run_all(args):
     """bench.py all: each benchmark as `python bench.py NAME --json DIR/NAME.json` in a child process."""
-    os.makedirs(args.json_dir, exist_ok=True)
+    try:
+        os.makedirs(args.json_dir, exist_ok=True)
+    except OSError as e:  # e.g. an existing file of that name
+        what = "is a file, not a folder" if os.path.isfile(args.json_dir) else f"cannot be made ({e.strerror or e})"
+        raise SystemExit(f"bench.py all: --json-dir {args.json_dir} {what}") from None
     env = dict(os.environ)
     if args.quick:  # first configs only: autotuning compiles every config of every kernel (~3 s each)
         env.setdefault("MAGMA_FLASH_AUTOTUNE", "0")
@@ -884,9 +915,10 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="without a GPU: run tiny shapes on CPU to check that the script works")
-    p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES))
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
+                   + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
+    p.add_argument("--warmup", type=nonnegative_int, default=10)
+    p.add_argument("--iters", type=positive_int, default=50)
     p.set_defaults(func=bench_attention)
 
     smoke_help = "without a GPU: tiny models on the CPU, a couple of steps, to check that the script works"
@@ -895,7 +927,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 197 image tokens")
     p.add_argument("--variants", help=variants_help.format(",".join(TRAIN_VARIANTS)))
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=nonnegative_int, default=5)
     p.add_argument("--iters", type=positive_int, default=20)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
@@ -906,7 +938,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens after the image")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both whole models")
     p.add_argument("--variants", help=variants_help.format(",".join(GENERATE_VARIANTS)))
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=nonnegative_int, default=1)
     p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
@@ -914,7 +946,7 @@ def main(argv=None):
     p = sub.add_parser("big", help="GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14 at the largest batch that fits")
     p.add_argument("--max-batch", type=positive_int, default=1024, help="stop doubling the batch here")
     p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 257 image tokens")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
     p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
@@ -931,6 +963,8 @@ def main(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=None)
     args = parser.parse_args(argv)
+    if args.command != "all" and args.json:
+        check_json_path(args.command, args.json)  # now, not after minutes of benchmarks
     new_rows()
 
     if args.command == "all":
@@ -950,7 +984,7 @@ def main(argv=None):
           f"{payload.get('dtype', '')}")
     print_table(payload["rows"], payload["columns"])
     if args.json:
-        write_json(args.json, payload)
+        write_json(args.command, args.json, payload)
     if interrupted:
         raise SystemExit(130)
 

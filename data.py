@@ -110,6 +110,8 @@ class ImageError(Exception):
 
 def load_image(path):
     """Open and fully decode an image file (any mode), raising ImageError that names the file."""
+    if os.path.isdir(path):
+        raise ImageError(f"image {path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise ImageError(f"image not found: {path}")
     try:

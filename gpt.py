@@ -873,7 +873,8 @@ def _load_tokenizer(path):
 
 def main(argv=None):
     """Entry point of `python gpt.py PATH --prompt "..." [--compare]`; returns the exit status."""
-    parser = argparse.ArgumentParser(description="Load a GPT-2 / GPT-J / GPT-NeoX Hugging Face directory, "
+    parser = argparse.ArgumentParser(prog="gpt.py",  # also when main() is called from a test
+                                     description="Load a GPT-2 / GPT-J / GPT-NeoX Hugging Face directory, "
                                      "print what it is and a greedy continuation.")
     parser.add_argument("path", help="model directory (config.json + model.safetensors or pytorch_model.bin)")
     parser.add_argument("--prompt", help="text to continue (needs vocab.json+merges.txt or encoder.json+vocab.bpe)")
@@ -884,6 +885,9 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' AutoModelForCausalLM and print the max abs logit difference")
     args = parser.parse_args(argv)
+    if not os.path.exists(args.path):  # a wrong path first: fixing the flags would not help
+        print(f"gpt.py: error: model directory not found: {args.path}", file=sys.stderr)
+        return 1
     if (args.prompt is None) == (args.ids is None):
         parser.error("give exactly one of --prompt and --ids")
     if args.max_new_tokens < 0:
@@ -909,7 +913,7 @@ def main(argv=None):
             raise ValueError(f"{len(ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed this "
                              f"model's {model.config.block_size} learned positions")
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"gpt.py: error: {e}", file=sys.stderr)
         return 1
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())

@@ -19,6 +19,7 @@ and then samples token by token, each sequence of a batch stopping at its own en
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -454,6 +455,15 @@ class Magma(nn.Module):
         except (TypeError, ValueError) as e:  # a field this code does not know, or a bad value
             raise ValueError(f"{path}: bad config in checkpoint ({e})") from None
         includes = checkpoint["includes"]
+        # Base weights given as a path now replace the path recorded at training time (they may have
+        # moved; the fingerprints below check that they are the same weights), so a checkpoint saved
+        # again records where they are. The LM's own tokenizer files move with it.
+        if isinstance(lm, str) and not includes["lm"]:
+            if config.tokenizer == config.lm:
+                config.tokenizer = lm
+            config.lm = lm
+        if isinstance(vit, str) and not includes["vit"]:
+            config.vit = vit
 
         def base(part, given, build_from_config, build_from_path):
             if includes[part]:  # weights are in the file: any skeleton of the right shape will do
@@ -484,6 +494,8 @@ class Magma(nn.Module):
 
 def read_magma_checkpoint(path):
     """torch.load a file written by Magma.save, with one clear error for a missing or corrupt file."""
+    if os.path.isdir(path):  # e.g. train.py's --out_dir: the OSError the callers catch, saying what is wrong
+        raise IsADirectoryError(f"MAGMA checkpoint {path} is a folder; give the ckpt.pt file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MAGMA checkpoint not found: {path}")
     try:
@@ -533,9 +545,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.items:
         parser.error("give at least one --image or --prompt")
-    bad_length = args.max_new_tokens is not None and args.max_new_tokens < 1
-    if bad_length or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    checks = [  # (flag, value, is it good, what it must be); nan fails every comparison, inf is not finite
+        ("max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1,
+         "must be >= 1"),
+        ("temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "must be a finite number >= 0"),
+        ("top-k", args.top_k, args.top_k >= 0, "must be >= 0"),
+        ("top-p", args.top_p, 0 < args.top_p <= 1, "must be a number in (0, 1]"),
+    ]
+    for flag, value, good, why in checks:
+        if not good:
+            parser.error(f"--{flag}={value}: {why}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

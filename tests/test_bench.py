@@ -102,6 +102,37 @@ def test_unknown_variant_is_named():
         bench.main(["train", "--cpu-smoke", "--variants", "ours,nope"])
 
 
+def test_unknown_shape_is_named():
+    names = ",".join(s[0] for s in (bench.ATTENTION_SHAPES if torch.cuda.is_available() else bench.SMOKE_SHAPES))
+    with pytest.raises(SystemExit, match=rf"unknown --shapes \['bogus'\]; choose from {names}$"):
+        bench.main(["attention", "--cpu-smoke", "--shapes", "bogus"])
+
+
+@pytest.mark.parametrize("argv", [["attention", "--iters", "0"], ["attention", "--warmup", "-1"],
+                                  ["train", "--warmup", "-1"], ["big", "--warmup", "-2"]])
+def test_bad_counts_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "--cpu-smoke"])
+    assert e.value.code == 2 and f"argument {argv[1]}: expected" in capsys.readouterr().err
+
+
+def test_bad_json_paths_are_named_before_any_benchmark_runs(tmp_path, monkeypatch):
+    def must_not_run(args):
+        raise AssertionError("a benchmark ran before --json was checked")
+    monkeypatch.setattr(bench, "bench_train", must_not_run)
+    (tmp_path / "afile").write_text("")
+    for argv, message in [
+            (["train", "--json", str(tmp_path / "missing" / "x.json")], "the folder .*missing does not exist"),
+            (["train", "--json", str(tmp_path)], "is a folder; give a file name"),
+            (["all", "--json-dir", str(tmp_path / "afile")], "--json-dir .*afile is a file, not a folder")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            bench.main([*argv, "--cpu-smoke"])
+        assert str(e.value).startswith(f"bench.py {argv[0]}: ") and "\n" not in str(e.value)
+    # a write that fails after the run (the folder removed meanwhile): one line, not a traceback
+    with pytest.raises(SystemExit, match="bench.py train: cannot write --json .*gone.*the table above"):
+        bench.write_json("train", str(tmp_path / "gone" / "x.json"), {"rows": []})
+
+
 # ------------------------------------------------------------------------------------------------
 # The comparison is fair: the two assemblies compute the same thing
 

@@ -466,6 +466,13 @@ def test_strict_stops_with_the_path(tmp_path):
         ds[3]
 
 
+def test_load_image_names_a_folder(tmp_path):
+    with pytest.raises(data.ImageError, match="is a folder, not an image file"):
+        data.load_image(str(tmp_path))
+    with pytest.raises(data.ImageError, match="image not found: .*missing.png"):
+        data.load_image(str(tmp_path / "missing.png"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Batching
 

@@ -457,7 +457,13 @@ def test_command_line(checkpoint, capsys):
                        ([checkpoint("gpt2"), "--ids", "1 2", "--max-new-tokens", "63"], "--max-new-tokens")]:
         assert gpt.main(argv) == 1
         err = capsys.readouterr().err
-        assert err.startswith("error:") and name in err and err.count("\n") == 1, err
+        assert err.startswith("gpt.py: error: ") and name in err and err.count("\n") == 1, err
+    # a missing path is what is reported, also when a flag is missing too; argparse's errors name gpt.py
+    assert gpt.main([d + "/nowhere"]) == 1
+    assert capsys.readouterr().err == f"gpt.py: error: model directory not found: {d}/nowhere\n"
+    with pytest.raises(SystemExit):
+        gpt.main([d])
+    assert capsys.readouterr().err.splitlines()[-1] == "gpt.py: error: give exactly one of --prompt and --ids"
 
 
 def test_command_line_prompt_with_real_vocabulary(tmp_path, capsys):

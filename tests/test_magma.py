@@ -420,6 +420,8 @@ def test_save_load_onto_public_checkpoints(tmp_path):
 def test_bad_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         Magma.load(str(tmp_path / "nope.pt"))
+    with pytest.raises(OSError, match="is a folder; give the ckpt.pt file in it"):  # e.g. train.py's --out_dir
+        Magma.load(str(tmp_path))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(ValueError, match="garbage.pt.*not a readable MAGMA checkpoint"):
@@ -476,6 +478,16 @@ def test_command_line(tmp_path, capsys):
         (["--prompt", "x", "--device", "tpu9"], "--device 'tpu9'"),
         (["--prompt", "x", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA --device"),
         (["--prompt", "x", "--dtype", "fp8"], "--dtype"),
+        (["--checkpoint", str(tmp_path), "--prompt", "x"], "is a folder; give the ckpt.pt file in it"),
+        (["--image", str(tmp_path)], "is a folder"),
+        # each bad value named with its flag; nan and inf would reach sampling (a traceback, or random bytes)
+        (["--prompt", "x", "--temperature", "nan"], "--temperature=nan: must be a finite number >= 0"),
+        (["--prompt", "x", "--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature=-1.0"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens=0"),
+        (["--prompt", "x", "--top-k", "-1"], "--top-k=-1"),
+        (["--prompt", "x", "--top-p", "nan"], "--top-p=nan"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p=0.0"),
     ]
     if not torch.cuda.is_available():
         errors.append((["--prompt", "x", "--device", "cuda"], "no CUDA GPU"))
