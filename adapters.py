@@ -2,18 +2,20 @@
 
 A bottleneck adapter maps d -> d/downsample -> d and is added to a module's output, so the frozen
 model learns a new task by training only a few percent of its size. MAGMA's released model puts a
-sequential adapter after every MLP (downsample 4); its second configuration also puts one after
-every attention layer (downsample 8). The variants, in one table:
+sequential adapter after every MLP (downsample 4); its second configuration puts one after every
+MLP and every attention layer (downsample 8 for both). The variants, in one table:
 
     kind              where the adapter reads     output
     sequential        the module's output y       y + A(y)          (Houlsby et al. 2019)
     parallel          the module's input x        f(x) + A(x)       (He et al. 2021)
-    scaled_parallel   the module's input x        f(x) + s * A(x)   (s a learnable scalar, MAGMA)
+    scaled_parallel   the module's input x        f(x) + s * A(x)   (He et al.: s fixed; MAGMA's code:
+                                                                     s a learnable scalar from 1)
     lora              a Linear layer's input x    W0 x + (alpha/r) B A x   (Hu et al. 2021)
 
 Nothing here knows about gpt.py: add_adapters() wraps `model.transformer.h[i].mlp` / `.attn` (or the
-chosen nn.Linear layers for LoRA) from outside, and the wrapped module behaves exactly as before
-until the adapter's weights move away from their initialisation (zero up-projection, zero B).
+chosen nn.Linear layers for LoRA) from outside. With init="zero" (the default here: zero
+up-projection; LoRA's B is always zero) the wrapped module behaves exactly as before until training
+moves the adapter's weights; MAGMA's own init ("normal") starts about 1e-3 away from it.
 """
 import math
 from dataclasses import dataclass
@@ -37,21 +39,24 @@ INITS = ("zero", "normal")
 
 @dataclass
 class AdapterConfig:
-    """Which adapters to insert, where, and how big. The defaults are MAGMA's released configuration."""
+    """Which adapters to insert, where, and how big. The defaults are MAGMA's released configuration,
+    except the init: "zero" leaves the model unchanged at step 0, where MAGMA's "normal" does not quite."""
     kind: str = "sequential"         # one of KINDS
     places: tuple = ("mlp",)         # bottleneck adapters: which sub-modules of each block to wrap
     downsample: int = 4              # bottleneck width = d // downsample (MAGMA: 4 for mlp only, 8 for both)
     activation: str = "relu"         # one of ACTIVATIONS
     layernorm: bool = False          # a LayerNorm on the adapter's input (MAGMA's add_layernorm option)
     init: str = "zero"               # "zero": up-projection zero, model unchanged at step 0; "normal": MAGMA's
-    init_std: float = 1e-3           # std of the "normal" init (MAGMA: 1e-3, truncated at 2 std)
+    init_std: float = 1e-3           # std of the "normal" init (MAGMA: 1e-3, clamped to +-2 std)
     lora_targets: tuple = ("attn",)  # LoRA: block-relative names of Linear layers or of modules holding them
     lora_r: int = 8
     lora_alpha: float = 16.0
     layers: tuple | None = None      # indices of the blocks to adapt; None = every block
 
     def __post_init__(self):
-        self.places, self.lora_targets = tuple(self.places), tuple(self.lora_targets)
+        # One name is a one-element tuple: tuple("mlp") would be ("m", "l", "p").
+        self.places, self.lora_targets = (tuple([x]) if isinstance(x, str) else tuple(x)
+                                          for x in (self.places, self.lora_targets))
         self.layers = None if self.layers is None else tuple(self.layers)
         if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind: unknown adapter kind {self.kind!r}; choose one of {KINDS}")
@@ -101,10 +106,11 @@ class Adapter(nn.Module):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
         else:
-            # MAGMA: every weight and bias ~ N(0, std), clamped to +-2 std (a truncated normal)
-            for linear in (self.down, self.up):
-                nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
-                nn.init.trunc_normal_(linear.bias, std=init_std, a=-2 * init_std, b=2 * init_std)
+            # MAGMA: every weight and bias ~ N(0, std), then clamped to +-2 std. (Clamping, not a
+            # truncated normal: the ~5% of draws beyond 2 std land exactly on +-2 std.)
+            with torch.no_grad():
+                for t in (self.down.weight, self.down.bias, self.up.weight, self.up.bias):
+                    t.normal_(0.0, init_std).clamp_(-2 * init_std, 2 * init_std)
 
     def forward(self, x):  # (B, T, d) -> (B, T, d)
         h = _in_own_dtype(x, self.down.weight, first_op_is_matmul=self.ln is None)

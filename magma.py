@@ -1,14 +1,17 @@
 """MAGMA: a frozen GPT learns to read images (Eichenberg et al., 2021, arXiv 2112.05253).
 
-The model, section 3 of the paper:
+The model, section 3 of the paper (whose released encoder is CLIP's ResNet RN50x16 without its
+attention pool, 144 grid features; here it is a CLIP ViT, whose last block's tokens play that part):
 
     image --ViT--> hidden states (B, 1+N, width) --ImagePrefix--> (B, N_img, d_lm)
     text --tokenizer--> ids --GPT's token embedding--> (B, T, d_lm)
     [image prefix][text] --GPT blocks, frozen, with trainable adapters--> next-token logits
 
 Training minimises the cross-entropy of the caption given the image, on the text positions only.
-The language model never changes: every LM weight has requires_grad=False and its dropout stays off
-(MAGMA's released code forgot to freeze it). The adapters, the prefix and the ViT are trained.
+The language model never changes: every LM weight has requires_grad=False, and it stays in eval mode
+(nn.Module.train() would switch on a pretrained GPT-2's dropout of 0.1). The adapters, the prefix
+and the ViT are trained; the ViT's own output head (CLIP's ln_post and projection), which the prefix
+does not read, is frozen.
 
 At inference any interleaving of images and text is one sequence of embeddings, e.g. few-shot
 [image, "A picture of a cat.", image, "A picture of"]; generation prefills it once into the KV cache
@@ -71,7 +74,7 @@ class MagmaConfig:
     prefix_tokens: str = "all"        # "all": class token + patches; "patches": patch tokens only
     prefix_dropout: float = 0.1       # MAGMA: dropout 0.1 on the image prefix
     prefix_layernorm: bool = True     # MAGMA: LayerNorm on the image prefix
-    freeze_vit: bool = False          # MAGMA trains the image encoder; this keeps it fixed instead
+    freeze_vit: bool = False          # MAGMA trains the image encoder (lr 2e-6); this keeps it fixed instead
     tokenizer: str | dict | None = None
 
     def __post_init__(self):
@@ -130,8 +133,11 @@ def tokenizer_from_spec(spec):
 
 
 def fingerprint(module):
-    """sha256 over every tensor's name, shape, dtype and 4096 evenly strided values: it tells apart two
-    checkpoints (or two dtypes of one) in milliseconds, even for a 6B-parameter model."""
+    """sha256 over every tensor's name, shape, dtype and 4096 to 8191 evenly strided values: it tells
+    apart two checkpoints (or two dtypes of one) in milliseconds, even for a 6B-parameter model (almost
+    always: two files that differ only between the sampled values would look the same). Magma keeps
+    the base models' fingerprints, so a checkpoint without their weights can check what it is loaded
+    onto (Magma.save / Magma.load)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         flat = t.detach().reshape(-1)
@@ -198,6 +204,11 @@ class Magma(nn.Module):
         if config.freeze_vit:
             freeze(self.vit)
             self.vit.eval()
+        # The prefix reads the last block's hidden states, so CLIP's ln_post and projection never get a
+        # gradient: frozen, so that they are not counted as trained (and DDP does not wait for them).
+        freeze(self.vit.ln_post)
+        if self.vit.proj is not None:
+            self.vit.proj.requires_grad_(False)
         # Fingerprints of the weights as they came in, so a checkpoint that stores only the trained
         # weights can check it is being restored onto the same base models.
         self.base_fingerprint = {"lm": fingerprint(self.lm), "vit": fingerprint(self.vit)}
@@ -308,7 +319,7 @@ class Magma(nn.Module):
         if input_ids.dim() != 2 or text_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and text_mask {tuple(text_mask.shape)} "
                              "must both be (B, T)")
-        if pixels.shape[0] != input_ids.shape[0]:
+        if pixels.dim() == 4 and pixels.shape[0] != input_ids.shape[0]:  # other shapes: image_embeds says
             raise ValueError(f"pixels has batch size {pixels.shape[0]}, input_ids {input_ids.shape[0]}")
         text_mask = text_mask.to(torch.bool)
         image = self.image_embeds(pixels)  # (B, I, C)
@@ -333,6 +344,8 @@ class Magma(nn.Module):
     def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
                      generator=None, cuda_graph=False):
         """Like generate(), but returns the new token ids of each row (without the eos)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         was_training = self.training
         self.eval()
         try:
@@ -407,9 +420,11 @@ class Magma(nn.Module):
         """Write the config and the trained weights to `path`, atomically (temporary file, then rename).
 
         The frozen LM's weights are left out when the LM was loaded from a path (and a frozen pretrained
-        ViT's), with a fingerprint to check them against at load time; include_lm=True stores them anyway.
-        An LM that no path can rebuild (random, or pretrained in this run) is always stored.
-        `extra` adds entries to the file (train.py keeps its optimizer, schedule and step under "train").
+        ViT's), with a fingerprint to check them against at load time; include_lm=True stores them anyway
+        (the tokenizer is still read from the LM's directory). An LM that no path can rebuild (random,
+        or pretrained in this run) is always stored. `extra` adds entries to the file (train.py keeps its
+        optimizer, schedule and step under "train"): values torch.load(weights_only=True) can read back,
+        i.e. tensors, numbers, strings, and lists, tuples and dicts of them.
         """
         include_lm = (not self._lm_is_loadable()) if include_lm is None else bool(include_lm)
         if not include_lm and not self._lm_is_loadable():
@@ -446,8 +461,10 @@ class Magma(nn.Module):
     def load(cls, path, lm=None, vit=None, tokenizer=None, checkpoint=None):
         """Rebuild a model saved by save(). Base weights the file does not hold come from `lm` / `vit`
         (instances or paths) or else from the paths recorded at training time, and must match the
-        fingerprints recorded then. A caller that has read the file already (read_magma_checkpoint(path))
-        passes what it read as `checkpoint`, and the file is not read again."""
+        fingerprints recorded then (`lm` / `vit` are not needed, and unused, for weights the file holds;
+        a path given for the LM also locates its tokenizer). A caller that has read the file already
+        (read_magma_checkpoint(path)) passes what it read as `checkpoint`, and the file is not read
+        again. The model comes back in eval mode, as GPT.from_pretrained's does."""
         if checkpoint is None:
             checkpoint = read_magma_checkpoint(path)
         try:
@@ -458,15 +475,16 @@ class Magma(nn.Module):
         # Base weights given as a path now replace the path recorded at training time (they may have
         # moved; the fingerprints below check that they are the same weights), so a checkpoint saved
         # again records where they are. The LM's own tokenizer files move with it.
-        if isinstance(lm, str) and not includes["lm"]:
+        if isinstance(lm, str):
             if config.tokenizer == config.lm:
                 config.tokenizer = lm
-            config.lm = lm
+            if not includes["lm"]:
+                config.lm = lm
         if isinstance(vit, str) and not includes["vit"]:
             config.vit = vit
 
         def base(part, given, build_from_config, build_from_path):
-            if includes[part]:  # weights are in the file: any skeleton of the right shape will do
+            if includes[part]:  # weights are in the file: a random model of the saved config, overwritten below
                 return build_from_config(json.loads(checkpoint[f"{part}_config"]))
             source = given if given is not None else getattr(config, part)
             if not isinstance(source, str):
@@ -488,8 +506,11 @@ class Magma(nn.Module):
                                  f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
                                  f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
                                  f"({getattr(config, part)!r}) in the same dtype")
+        for part in ("lm", "vit"):  # a part the file holds was fingerprinted as a random skeleton above:
+            if includes[part]:      # keep the fingerprint of the weights it was saved from
+                model.base_fingerprint[part] = checkpoint["fingerprint"][part]
         expected = model._saved_names(includes["lm"], includes["vit"])
-        return load_checked(model, checkpoint["state_dict"], path, expected)
+        return load_checked(model, checkpoint["state_dict"], path, expected).eval()
 
 
 def read_magma_checkpoint(path):
@@ -504,7 +525,7 @@ def read_magma_checkpoint(path):
         # torch's messages run to many lines and advise weights_only=False: keep the first sentence
         reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path}: not a readable MAGMA checkpoint ({type(e).__name__}: {reason})") from None
-    keys = ("config", "lm_config", "vit_config", "includes", "fingerprint", "state_dict")
+    keys = ("version", "config", "lm_config", "vit_config", "includes", "fingerprint", "state_dict")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT \
             or any(k not in checkpoint for k in keys):
         raise ValueError(f"{path}: not a MAGMA checkpoint (written by Magma.save)")

@@ -477,16 +477,6 @@ def magma_config(cfg, lm):
                        tokenizer=None if cfg.tokenizer in ("", "bpe", "byte") else cfg.tokenizer)
 
 
-def freeze_unused(model):
-    """The prefix reads the ViT's last hidden states, so CLIP's ln_post and projection get no gradient:
-    freeze them (DDP would otherwise wait for their gradients forever)."""
-    for module in (model.vit.ln_post,):
-        for p in module.parameters():
-            p.requires_grad_(False)
-    if model.vit.proj is not None:
-        model.vit.proj.requires_grad_(False)
-
-
 def param_groups(model, cfg):
     """MAGMA's two AdamW groups: adapters + image prefix at cfg.lr, the image encoder at cfg.vit_lr."""
     first = adapter_parameters(model.lm) + list(model.prefix.parameters())
@@ -959,7 +949,6 @@ def main(argv=None):
                         save_lm(lm_path, lm, cfg)
         model = Magma(magma_config(cfg, lm), lm=lm, tokenizer=tokenizer)
         start_step = 0
-    freeze_unused(model)
     lm_dtype = frozen_lm_dtype(cfg, dist.device)
     if lm_dtype is not None:  # after Magma recorded its base fingerprint, so checkpoints still match the source
         cast_frozen(model.lm, lm_dtype)

@@ -99,10 +99,14 @@ def test_adapter_formulas():
     with torch.no_grad():
         lora.B.normal_()
     assert torch.allclose(lora(x), 3.0 * x @ lora.A.t() @ lora.B.t(), atol=1e-6)
-    # MAGMA's init: small, truncated at 2 std, never zero
+    # MAGMA's init: N(0, std) clamped to +-2 std, so ~4.6% of the values sit exactly on the bounds
     normal = Adapter(1024, init="normal", init_std=1e-3)
     w = normal.up.weight
     assert w.abs().max() <= 2e-3 and 0.5e-3 < w.std() < 1.5e-3
+    on_bounds = (w.abs() == torch.tensor(2e-3)).float().mean().item()
+    assert 0.03 < on_bounds < 0.06, on_bounds
+    assert AdapterConfig(places="attn", lora_targets="mlp.c_fc").places == ("attn",)  # one name, not letters
+    assert AdapterConfig(places="attn", lora_targets="mlp.c_fc").lora_targets == ("mlp.c_fc",)
     zero = Adapter(d)
     assert zero.up.weight.abs().sum() == 0 and zero.up.bias.abs().sum() == 0 and zero.down.weight.abs().sum() > 0
 

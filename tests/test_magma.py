@@ -152,6 +152,8 @@ def test_loss_is_text_only_and_matches_hand_computation():
     assert abs(model(pixels(2, seed=1), ids, mask).item() - loss.item()) > 1e-4
     with pytest.raises(ValueError, match="text_mask"):
         model(px, ids, mask[:, :3])
+    with pytest.raises(ValueError, match=r"pixels must have shape \(B, 3, 16, 16\), got \(3, 16, 16\)"):
+        model(px[0], ids, mask)  # one image without its batch dimension: named as such
     # no real token at all: nothing to predict, loss 0 and a zero gradient (not 0/0)
     empty = model(px, ids, torch.zeros_like(mask))
     empty.backward()
@@ -240,6 +242,8 @@ def test_each_row_stops_at_its_own_eos():
     assert model.generate_ids(batch[:1], max_new_tokens=12, temperature=0, eos=first) == [[]]
     assert len(calls) == 1  # the prefill only
     assert model.generate_ids(batch, max_new_tokens=0) == [[], []]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -3"):
+        model.generate_ids(batch, max_new_tokens=-3)
 
 
 def test_training_loss_and_decode_step_trace_as_one_graph(monkeypatch):
@@ -417,6 +421,24 @@ def test_save_load_onto_public_checkpoints(tmp_path):
     same_outputs(model, Magma.load(path, lm=str(tmp_path / "moved")))
 
 
+def test_a_loaded_checkpoint_saves_again_and_loads(tmp_path):
+    """A file that holds a loadable LM's weights (include_lm=True): loaded, it keeps the fingerprint of
+    those weights, not of the random skeleton they were copied into, so saving it again without them
+    gives a file that loads onto the LM directory. Loading gives eval mode."""
+    lm_dir = write_hf_gpt2(tmp_path / "gpt2", seed=1)
+    model = Magma.from_pretrained(lm=lm_dir, vit=ViTConfig(**VIT), tokenizer="byte")
+    assert not any(p.requires_grad for p in model.vit.ln_post.parameters())  # the prefix never reads it
+    assert model.vit.proj is None or not model.vit.proj.requires_grad
+    sgd_steps(model)
+    model.save(str(tmp_path / "full.pt"), include_lm=True)
+    loaded = Magma.load(str(tmp_path / "full.pt"))
+    assert not loaded.training and loaded.base_fingerprint == model.base_fingerprint
+    loaded.save(str(tmp_path / "again.pt"))  # default: the LM's weights left out, it has a path
+    assert not any(k.startswith("lm.") and ".adapter." not in k
+                   for k in torch.load(tmp_path / "again.pt", weights_only=True)["state_dict"])
+    same_outputs(model, Magma.load(str(tmp_path / "again.pt")))
+
+
 def test_bad_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         Magma.load(str(tmp_path / "nope.pt"))
@@ -439,6 +461,11 @@ def test_bad_checkpoint_files_are_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="other.pt.*not a MAGMA checkpoint"):
         Magma.load(str(other))
+    unversioned = torch.load(good, weights_only=True)
+    del unversioned["version"]
+    torch.save(unversioned, tmp_path / "unversioned.pt")
+    with pytest.raises(ValueError, match="unversioned.pt.*not a MAGMA checkpoint"):
+        Magma.load(str(tmp_path / "unversioned.pt"))
     future = torch.load(good, weights_only=True)  # a config field this code does not know
     future["config"] = json.dumps({**json.loads(future["config"]), "future_field": 1})
     torch.save(future, tmp_path / "future.pt")

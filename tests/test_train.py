@@ -265,17 +265,19 @@ def _jsonl_with_bad_images(root):
 
 
 def test_unreadable_images_are_skipped_and_counted_or_stop_the_run(tmp_path, caplog):
+    # --val_data given: without it a record whose path hashes into the held-out 1% (the tmp_path
+    # differs between runs) would leave training, and a bad image held out is never met or counted.
     path = _jsonl_with_bad_images(tmp_path)
-    train.main(args(tmp_path / "run", data=path, steps=4, batch_size=4, eval_images=1))
+    train.main(args(tmp_path / "run", data=path, val_data=path, steps=4, batch_size=4, eval_images=1))
     records = log(tmp_path / "run")
     assert "missing.png" in caplog.text and "corrupt.jpg" in caplog.text
     with pytest.raises(data.ImageError, match=r"missing\.png|corrupt\.jpg"):
-        train.main(args(tmp_path / "strict", data=path, steps=4, batch_size=4, strict=True))
+        train.main(args(tmp_path / "strict", data=path, val_data=path, steps=4, batch_size=4, strict=True))
     # 4 steps of 4 = two passes over the 8 records: each of the 2 bad ones is met twice (more if a
     # stand-in drawn for one is bad too). 2 processes sharing those batches meet the same records, and
     # the count covers every process, not rank 0's alone.
     assert records[-1]["skipped_images"] >= 4
-    _torchrun(tmp_path / "ddp", 2, data=path, steps=4, batch_size=4, eval_images=1)
+    _torchrun(tmp_path / "ddp", 2, data=path, val_data=path, steps=4, batch_size=4, eval_images=1)
     assert log(tmp_path / "ddp")[-1]["skipped_images"] == records[-1]["skipped_images"]
 
 
