@@ -9,7 +9,7 @@ positions by rotating q and k (rotary embedding) instead of adding a learned tab
 
 The file reads top to bottom: config, rotary embedding, the model (KV cache, generation), the
 fixed-shape decode step (CUDA graphs), sampling, checkpoint readers, the Hugging Face loaders (one
-name table per family), and the command line
+name table per family), and the command line.
 
     python gpt.py PATH --prompt "Hello" [--compare]     # sanity check of a downloaded checkpoint
 """
@@ -58,7 +58,8 @@ class GPTConfig:
     """Shape and family of a GPT decoder. Fields left as None take the family's value (FAMILIES)."""
     model_type: str = "gpt2"                # "gpt2" | "gptj" | "gpt_neox"
     vocab_size: int = 50257
-    block_size: int = 1024                  # longest sequence (learned position table size for GPT-2)
+    block_size: int = 1024                  # longest sequence: GPT-2's table of learned positions; rotary
+                                            # models are not stopped there (untrained beyond it)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -73,13 +74,14 @@ class GPTConfig:
     tie_word_embeddings: bool | None = None  # lm_head shares the token embedding matrix
     scale_attn_weights: bool = True         # GPT-2 flags: divide scores by sqrt(head dim) ...
     scale_attn_by_inverse_layer_idx: bool = False  # ... and by layer index + 1
-    dropout: float = 0.0
+    dropout: float = 0.0                    # on embeddings and residual branches (none on attention
+                                            # probabilities); the loaders leave it 0: MAGMA's LM is frozen
 
     def __post_init__(self):
         if self.model_type not in FAMILIES:
             raise ValueError(f"unknown model_type {self.model_type!r}; supported: {sorted(FAMILIES)}")
         for key, value in FAMILIES[self.model_type].items():
-            if key in ("rotary", "shared_ln"):
+            if key in ("rotary", "shared_ln"):  # not fields: fixed by the family, read by the properties below
                 continue
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -127,13 +129,14 @@ def rotary_cos_sin(positions, rotary_dim, base, dtype):
 def apply_rotary(x, cos, sin, style):
     """Rotate the first rotary_dim dims of each head of x (B, H, T, D); the rest pass through."""
     R = 2 * cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q/k may be lower precision than x
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # made in the residual stream's dtype; under autocast q/k are lower
     rot, rest = x[..., :R], x[..., R:]
     if style == "interleaved":
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
     else:
         x1, x2 = rot[..., :R // 2], rot[..., R // 2:]
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, H, T, R/2) each
+    # interleaved: stack + flatten puts y1[i], y2[i] back at dims 2i, 2i+1; half: y1 then y2
     rot = torch.stack((y1, y2), dim=-1).flatten(-2) if style == "interleaved" else torch.cat((y1, y2), -1)
     return torch.cat((rot, rest), dim=-1)
 
@@ -148,6 +151,8 @@ class KVCache:
     attends to the filled ones. A fixed-shape decode step (GPT.decode_step) sets `slot`, a (1,) tensor:
     each layer then writes its one new position there and attends to all max_len slots, the caller's
     mask hiding the unfilled ones; nothing about the call depends on a Python number that changes.
+    Decode steps leave `length` at the prompt's: DecodeStep's slot and mask track what they filled, so
+    after them the cache belongs to DecodeStep (a GPT.forward would write over those slots).
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
@@ -251,7 +256,9 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+        # GPT-2 paper, section 2.3: the residual projections' init scaled by 1/sqrt(N), N = 2 * n_layer
+        # residual additions
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.tie_weights()
@@ -275,7 +282,7 @@ class GPT(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
                        device=device or p.device, dtype=dtype or p.dtype)
 
-    def positions(self, B, T, past, key_padding_mask, device):
+    def positions(self, T, past, key_padding_mask, device):
         """Position of each new token (B or 1, T): the number of real tokens before it in its row."""
         if key_padding_mask is None:
             return (past + torch.arange(T, device=device))[None]  # (1, T)
@@ -302,7 +309,7 @@ class GPT(nn.Module):
                 raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
                                  f"expected (B, T_past + T) = {(B, past + T)}")
             key_padding_mask = key_padding_mask.to(device=x.device, dtype=torch.bool)
-        pos = self.positions(B, T, past, key_padding_mask, x.device)
+        pos = self.positions(T, past, key_padding_mask, x.device)
         rope = None
         if self.config.rotary is None:
             if past + T > self.config.block_size:
@@ -349,16 +356,24 @@ class GPT(nn.Module):
                  key_padding_mask=None, cuda_graph=False):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-        Prefill the KV cache once, then feed one token at a time (DecodeStep; cuda_graph=True replays
-        each step as a CUDA graph). Batches are LEFT-padded, with key_padding_mask (B, T) marking real
-        tokens. temperature=0 is greedy. A row that has emitted eos_id keeps emitting eos_id.
+        Prefill the KV cache once, then feed one token at a time (DecodeStep and EOS_CHECK_EVERY below;
+        cuda_graph=True replays each step as a CUDA graph; sample_next in the section after). Batches
+        are LEFT-padded, with key_padding_mask (B, T) marking real tokens (the pads must still be valid
+        token ids, e.g. 0). temperature=0 is greedy. A row that has emitted eos_id keeps emitting eos_id.
         """
         B, T = idx.shape
         mask = (torch.ones_like(idx, dtype=torch.bool) if key_padding_mask is None
                 else key_padding_mask.to(device=idx.device, dtype=torch.bool))
+        if not bool((mask[:, -1] | ~mask.any(1)).all()):  # a right-padded row would continue from a pad
+            raise ValueError("generate needs LEFT-padded prompts: key_padding_mask's last column must be True "
+                             "in every row that has a real token")
         if max_new_tokens <= 0:
             return idx
-        cache = self.new_cache(B, T + max_new_tokens)
+        # The last new token is returned, not fed back: T + max_new_tokens - 1 positions are run.
+        if self.config.rotary is None and T + max_new_tokens - 1 > self.config.block_size:
+            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new ones need {T + max_new_tokens - 1} "
+                             f"positions; this LM has {self.config.block_size} (learned positions)")
+        cache = self.new_cache(B, T + max_new_tokens - 1)
         hidden = self(idx, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill: (B, T, C)
         logits = self.lm_head(hidden[:, -1]).float()  # (B, vocab): the last position only
         step = DecodeStep(self, cache, mask, cuda_graph=cuda_graph)
@@ -382,7 +397,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, dtype=None):
         """Load a Hugging Face model directory (config.json + weights) of a supported family.
 
-        dtype: the parameter dtype; None keeps the dtype the weights are stored in.
+        dtype: the parameter dtype; None keeps the dtype the weights are stored in (GPT-J and Pythia
+        files are often fp16: on a CPU pass torch.float32, for speed and for fp32 parity checks).
         """
         config = config_from_hf(path)
         state, origin, source = read_hf_weights(path)
@@ -391,7 +407,7 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no time or memory spent on random init of weights we overwrite
             model = cls(config).to(dtype)
         model = model.to_empty(device="cpu")
-        model.tie_weights()
+        model.tie_weights()  # to_empty gave every parameter new storage, untying lm_head from wte
         load_checked(model, ours, source)
         return model.eval()
 
@@ -399,7 +415,9 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Decoding one token at a time. After the prompt is prefilled, every step has the same shapes, so it can
 # be recorded once as a CUDA graph and replayed: one launch per token instead of a dozen per layer,
-# which is what bounds small-batch decoding on a GPU (the GPU waits for Python, not the reverse).
+# which is what bounds small-batch decoding on a GPU (the GPU waits for Python, not the reverse). The
+# price of fixed shapes: every step attends to all max_len slots (the unfilled ones masked), not only
+# to the filled ones, so a step costs what the last one would.
 
 # With an eos, generation asks the device whether every row has finished only every EOS_CHECK_EVERY
 # steps: each question makes the host wait for the GPU, which could otherwise queue steps ahead. A row
@@ -481,7 +499,8 @@ class DecodeStep:
 # Sampling (used by GPT.generate and magma.py).
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus; logits (B, V)."""
+    """Set to -inf every logit not among the top-k, or not in the top-p nucleus of the tokens top-k
+    kept; logits (B, V)."""
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

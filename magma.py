@@ -351,12 +351,13 @@ class Magma(nn.Module):
         try:
             x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
             B, T, _ = x.shape
+            # The last new token is returned, not fed back: T + max_new_tokens - 1 positions are run.
             limit = getattr(self.lm.config, "block_size", None)
-            if limit is not None and T + max_new_tokens > limit:
+            if limit is not None and T + max_new_tokens - 1 > limit:
                 raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the LM's "
                                  f"block_size {limit}")
             eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
-            cache = self.lm.new_cache(B, T + max_new_tokens, device=x.device, dtype=x.dtype)
+            cache = self.lm.new_cache(B, T + max(max_new_tokens - 1, 0), device=x.device, dtype=x.dtype)
             hidden = self.lm(inputs_embeds=x, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill
             logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
             step = DecodeStep(self.lm, cache, mask, cuda_graph=cuda_graph)  # then one token at a time

@@ -1,7 +1,8 @@
 """The vision transformer (CLIP-style) and its loaders for public CLIP checkpoints.
 
 CLIP's image tower (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
-Supervision", section 2.4), which MAGMA uses as its image encoder (arXiv 2112.05253, section 3.1):
+Supervision", section 2.4). MAGMA's released model encodes images with CLIP's ResNet RN50x16 (its grid
+features; arXiv 2112.05253, section 3.1) and tries CLIP's ViT in ablations; this codebase uses the ViT:
 
     pixels (B, 3, S, S)
       -> conv1: a stride-p convolution without bias, i.e. one linear map per p x p patch  (B, N, width)
@@ -75,7 +76,7 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
     @property
-    def hidden(self):
+    def hidden(self):  # the MLP width (the presets give it as a ratio, as the CLIP paper's table does)
         return round(self.width * self.mlp_ratio)
 
 
@@ -149,13 +150,14 @@ class ViT(nn.Module):
         self.conv1 = nn.Conv2d(3, w, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid ** 2 + 1, w))
-        self.ln_pre = nn.LayerNorm(w, eps=config.ln_eps)
+        self.ln_pre = nn.LayerNorm(w, eps=config.ln_eps)  # CLIP's one addition to ViT: a LayerNorm before the blocks
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
         self.ln_post = nn.LayerNorm(w, eps=config.ln_eps)
         self.proj = None if config.embed_dim is None else nn.Parameter(scale * torch.randn(w, config.embed_dim))
 
     def forward(self, pixels):
-        """pixels (B, 3, S, S), CLIP-normalised -> the last block's hidden states (B, 1+N, width)."""
+        """pixels (B, 3, S, S), CLIP-normalised (data.clip_preprocess) -> the last block's hidden
+        states (B, 1+N, width)."""
         S = self.config.image_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
             raise ValueError(f"pixels must have shape (B, 3, {S}, {S}) for this ViT, got {tuple(pixels.shape)}")
@@ -413,7 +415,8 @@ def load_reference_openai_model_file():
     import importlib.util
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("--compare on an OpenAI archive needs the clip-anytorch package (pip install --no-deps)")
+        raise ImportError("--compare on an OpenAI archive needs the clip-anytorch package "
+                          "(pip install --no-deps clip-anytorch)")
     file = os.path.join(list(spec.submodule_search_locations)[0], "model.py")
     module_spec = importlib.util.spec_from_file_location("openai_clip_model", file)
     module = importlib.util.module_from_spec(module_spec)

@@ -212,9 +212,18 @@ def test_decode_step_refusals(models):
     model(random_ids(1, 3), cache=cache)
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         gpt.DecodeStep(model, cache, torch.ones(1, 3, dtype=torch.bool), cuda_graph=True)
+    too_long = model.new_cache(1, NPOS + 1)
+    model(random_ids(1, 3), cache=too_long)
     with pytest.raises(ValueError, match=f"KV cache of {NPOS + 1} positions exceeds the LM's block_size {NPOS}"):
-        model.generate(random_ids(1, NPOS - 4), 5)  # learned positions end at block_size
-    assert model.generate(random_ids(1, NPOS - 4), 4, temperature=0).shape == (1, NPOS)
+        gpt.DecodeStep(model, too_long, torch.ones(1, 3, dtype=torch.bool))
+    # Learned positions end at block_size; the last new token is returned without being fed back, so
+    # (as transformers' generate) a prompt of NPOS - 4 tokens takes 5 new ones, not 6.
+    with pytest.raises(ValueError, match=f"need {NPOS + 1} positions; this LM has {NPOS}"):
+        model.generate(random_ids(1, NPOS - 4), 6)
+    assert model.generate(random_ids(1, NPOS - 4), 5, temperature=0).shape == (1, NPOS + 1)
+    right_padded = torch.tensor([[True, True, False]])
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        model.generate(random_ids(1, 3), 2, key_padding_mask=right_padded)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
