@@ -68,9 +68,12 @@ class AdapterConfig:
         bad = [p for p in self.places if p not in PLACES]
         if bad or not self.places:
             raise ValueError(f"AdapterConfig.places: {self.places!r} must be a non-empty subset of {PLACES}")
-        if self.downsample < 1 or self.lora_r < 1:
-            raise ValueError(f"AdapterConfig: downsample ({self.downsample}) and lora_r ({self.lora_r}) "
-                             "must be >= 1")
+        if not (isinstance(self.downsample, int) and isinstance(self.lora_r, int)) \
+                or self.downsample < 1 or self.lora_r < 1:
+            raise ValueError(f"AdapterConfig: downsample ({self.downsample!r}) and lora_r ({self.lora_r!r}) "
+                             "must be integers >= 1")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"AdapterConfig.layers: {self.layers} names a block twice")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from tokenizer import ByteTokenizer, Tokenizer
 from vit import PRESETS, ViT, ViTConfig
 
 CHECKPOINT_FORMAT = "magma-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 1  # raise it when the file's layout changes: read_magma_checkpoint refuses others
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,7 +173,8 @@ class Magma(nn.Module):
     """ViT + image prefix + frozen GPT with adapters + tokenizer.
 
     Magma(config) builds what config names (tiny random models by default); lm=, vit=, tokenizer=
-    take existing instances instead (e.g. a GPT pretrained earlier in the same run).
+    take existing instances instead (e.g. a GPT pretrained earlier in the same run). A given instance is
+    used in place: `lm` is frozen and gets adapters, so one GPT can back only one Magma.
     """
 
     def __init__(self, config=None, lm=None, vit=None, tokenizer=None):
@@ -268,14 +269,19 @@ class Magma(nn.Module):
         if not torch.is_tensor(image) or tuple(image.shape) != (3, S, S):
             shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
             raise ValueError(f"an image must be a PIL image or a (3, {S}, {S}) pixel tensor, got {shape}")
+        if not image.is_floating_point():  # e.g. uint8 0..255: not what the ViT was trained on
+            raise ValueError(f"a pixel tensor must be float and CLIP-normalised (data.clip_preprocess), "
+                             f"got {image.dtype}")
         return image.float()
 
     def embed_batch(self, examples):
         """A batch of interleaved lists of images and strings -> (x (B, T, d_lm), key_padding_mask (B, T)).
 
         Each example becomes one sequence: an image contributes its prefix tokens, a string its token
-        embeddings. Sequences of different lengths are left-padded (mask False), so every row's last
-        position is real and generation continues all rows at the same step.
+        embeddings (each string tokenized on its own: no space or eos is put between items; every item
+        that is not a str is an image, so pass a path as a PIL image: data.load_image). Sequences of
+        different lengths are left-padded (mask False), so every row's last position is real and
+        generation continues all rows at the same step.
         """
         if not isinstance(examples, (list, tuple)) or not all(isinstance(e, (list, tuple)) for e in examples):
             raise ValueError("inputs must be a list (the batch) of lists of images and strings, "
@@ -332,6 +338,7 @@ class Magma(nn.Module):
         # image position, then every text one but the last), pads included: picking out the real ones
         # with the mask would give a shape the host must read back from the GPU every step (a stall,
         # and a break in a torch.compile graph). Pads get the target -100, which cross_entropy skips.
+        # (B, T, C) hidden states of positions I-1 ... I+T-2: position I-1+t predicts input_ids[:, t]
         logits = self.lm.lm_head(hidden[:, I - 1:-1].flatten(0, 1))  # (B*T, V)
         targets = input_ids.masked_fill(~text_mask, -100).flatten()  # (B*T,)
         loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
@@ -506,7 +513,8 @@ class Magma(nn.Module):
                 raise ValueError(f"{path}: the base {part.upper()} weights given differ from those this checkpoint "
                                  f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
                                  f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
-                                 f"({getattr(config, part)!r}) in the same dtype")
+                                 f"({getattr(config, part)!r}) in the same dtype (a path loads in its stored "
+                                 f"dtype; else pass {part}=GPT/ViT.from_pretrained(PATH, dtype=...))")
         for part in ("lm", "vit"):  # a part the file holds was fingerprinted as a random skeleton above:
             if includes[part]:      # keep the fingerprint of the weights it was saved from
                 model.base_fingerprint[part] = checkpoint["fingerprint"][part]

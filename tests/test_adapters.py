@@ -170,6 +170,10 @@ def test_bad_configs_are_named():
         AdapterConfig(places=("ffn",))
     with pytest.raises(ValueError, match="activation"):
         AdapterConfig(activation="swishy")
+    with pytest.raises(ValueError, match=r"downsample \(4.0\).*integers >= 1"):
+        AdapterConfig(downsample=4.0)
+    with pytest.raises(ValueError, match=r"layers: \(0, 0\) names a block twice"):
+        AdapterConfig(layers=[0, 0])
     lm = tiny_gpt()
     add_adapters(lm, AdapterConfig())
     with pytest.raises(ValueError, match="twice"):

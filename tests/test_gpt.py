@@ -357,7 +357,8 @@ def test_sample_next_draws_only_kept_tokens_in_proportion():
     hot = torch.bincount(sample_next(logits, temperature=0.25, generator=g), minlength=4).float() / 4000
     assert hot[1] > 0.85  # low temperature sharpens towards the argmax
     assert torch.equal(sample_next(logits[:3], temperature=0), torch.tensor([1, 1, 1]))
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0)):
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0),
+                dict(temperature=float("nan")), dict(temperature=float("inf"))):
         with pytest.raises(ValueError, match=list(bad)[0]):
             sample_next(logits[:1], **bad)
 

@@ -177,6 +177,8 @@ def test_embed_interleaved_images_and_text_left_padded():
     assert tiny_magma(prefix_tokens="patches").eval().embed([img1]).shape == (4, 32)
     with pytest.raises(ValueError, match=r"\(3, 16, 16\)"):
         model.embed([torch.zeros(3, 32, 32)])
+    with pytest.raises(ValueError, match="float and CLIP-normalised.*uint8"):
+        model.embed([torch.zeros(3, 16, 16, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="list"):
         model.generate(["just a string"])
 
