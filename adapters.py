@@ -12,6 +12,8 @@ MLP and every attention layer (downsample 8 for both). The variants, in one tabl
                                                                      s a learnable scalar from 1)
     lora              a Linear layer's input x    W0 x + (alpha/r) B A x   (Hu et al. 2021)
 
+On GPT-2's fused c_attn, one LoRA updates q, k and v together (Hu et al. adapt W_q and W_v alone).
+
 Nothing here knows about gpt.py: add_adapters() wraps `model.transformer.h[i].mlp` / `.attn` (or the
 chosen nn.Linear layers for LoRA) from outside. With init="zero" (the default here: zero
 up-projection; LoRA's B is always zero) the wrapped module behaves exactly as before until training
@@ -106,6 +108,7 @@ class Adapter(nn.Module):
         if init == "zero":
             # The down-projection keeps PyTorch's default init so gradients reach `up` from step 0;
             # a zero up-projection makes the adapter output exactly 0, so the wrapped model is unchanged.
+            # (`down` gets a zero gradient at step 0, through the zero `up`, and learns once `up` moves.)
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
         else:
