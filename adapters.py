@@ -98,7 +98,9 @@ class Adapter(nn.Module):
     def __init__(self, dim, downsample=4, activation="relu", layernorm=False, init="zero", init_std=1e-3,
                  scaled=False):
         super().__init__()
-        hidden = max(1, dim // downsample)
+        hidden = dim // downsample
+        if hidden < 1:
+            raise ValueError(f"adapter downsample {downsample} leaves no bottleneck: width {dim} // {downsample} = 0")
         self.ln = nn.LayerNorm(dim) if layernorm else None
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)

@@ -182,6 +182,8 @@ def test_bad_configs_are_named():
         add_adapters(tiny_gpt(), AdapterConfig(kind="lora", lora_targets=("attn.q_proj",)))
     with pytest.raises(ValueError, match="out of range"):
         add_adapters(tiny_gpt(), AdapterConfig(layers=(5,)))
+    with pytest.raises(ValueError, match="downsample 1000 leaves no bottleneck"):
+        add_adapters(tiny_gpt(), AdapterConfig(downsample=1000))
 
 
 def test_fp32_adapters_in_a_bf16_model():
