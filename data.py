@@ -31,7 +31,9 @@ logger = logging.getLogger("magma.data")
 # CLIP preprocessing (Radford et al., 2021): resize the shorter side with bicubic filtering, crop the
 # centre square, scale to [0, 1], normalise with the mean/std of CLIP's training images. The geometry
 # follows torchvision's Resize(size, BICUBIC) + CenterCrop(size) on PIL images, which is what CLIP's
-# own `preprocess` runs, so that public CLIP weights see exactly the inputs they were trained on.
+# own `preprocess` runs, so that public CLIP weights see exactly the inputs they were trained on (for
+# RGB and greyscale images; other modes are converted to RGB first, transparency over white, where
+# CLIP converts after cropping).
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -127,7 +129,8 @@ def load_image(path):
 # colour, shape and position, with a template caption and question-answer pairs. Every scene is a pure
 # function of (seed, split, index), so runs repeat exactly and DDP ranks agree. Train and validation
 # never share a scene description: a description goes to validation when its hash says so, so the
-# held-out captions are combinations of attributes the model never saw together.
+# held-out captions describe whole scenes never seen in training (each object in them does occur in
+# training scenes: what is new is the combination).
 
 SIZES = {"small": 0.13, "large": 0.21}  # radius as a fraction of the image side
 COLOURS = {
@@ -264,7 +267,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item idx of a split is always the same scene and image. With probability `qa_fraction` the
     item's "caption" is a question-answer text "Q: what colour is the circle? A: red" instead of the
-    scene's caption. `example(idx)` gives everything about one scene, for evaluation.
+    scene's caption (decided once per item, by its seed: the same in every epoch). `example(idx)` gives everything about one scene, for evaluation.
     """
 
     def __init__(self, split="train", size=20000, image_size=48, seed=0, qa_fraction=0.0,
@@ -551,9 +554,9 @@ def collate(batch, tokenizer, image_size, max_len=None):
     """A list of dataset items -> {"pixels" (B, 3, S, S), "input_ids" (B, T) long, "text_mask" (B, T)
     bool, "captions" [str], "skipped" [paths]}.
 
-    input_ids hold each text's tokens followed by eos, right-padded (with eos; the pad id is never
-    read); text_mask is True on the real tokens including the eos. Texts longer than max_len tokens
-    are cut to max_len - 1 tokens plus eos.
+    input_ids hold each text's tokens followed by eos, right-padded (with eos; pads are never attended
+    to or predicted); text_mask is True on the real tokens including the eos. max_len counts the eos:
+    a text of max_len tokens or more keeps its first max_len - 1, then eos.
     """
     pixels = []
     for item in batch:

@@ -95,7 +95,8 @@ class TrainConfig:
     freeze_vit: bool = opt(False, "keep the image encoder fixed (MAGMA trains it)")
     # stage 1: language model pretraining (tiny LM only)
     lm_steps: int = opt(100, "stage 1 steps (0 = skip)")
-    lm_batch_size: int = opt(16, "stage 1 batch size (rows of 256 tokens of packed text)")
+    lm_batch_size: int = opt(16, "stage 1 batch size (rows of packed text, each as long as the tiny LM's "
+                                 "context: at least 256 tokens)")
     lm_lr: float = opt(3e-3, "stage 1 peak learning rate")
     # stage 2: MAGMA training
     steps: int = opt(3000, "stage 2 optimizer steps")
@@ -122,7 +123,8 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model init, the data and everything random")
     # evaluation, logging, checkpoints
     eval_every: int = opt(1000, "evaluate every N stage-2 steps (0 = only at the end)")
-    eval_batches: int = opt(4, "validation batches for the validation loss")
+    eval_batches: int = opt(4, "validation batches (of 32) for the validation loss (shapes: captions only, "
+                               "so it is not comparable with the training loss, which includes the questions)")
     eval_images: int = opt(4, "fixed validation images whose greedy captions are logged")
     log_every: int = opt(10, "write a JSON Lines log record every N steps")
     save_every: int = opt(1000, "write the checkpoint every N stage-2 steps (0 = only at the end)")
@@ -131,7 +133,8 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint (with more --steps, or --lm / --vit "
                               "where its base weights have moved; model and optimizer settings stay as saved)")
     overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its checkpoint is replaced)")
-    stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, "
+    stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process (kept "
+                             "on --resume, so each resumed job stops after as many more; 0 = run to the end), "
                              "as a time-limited job would; --resume continues")
     progress: bool = opt(True, "show a progress bar")
 
@@ -151,7 +154,8 @@ RESUME_FIXED = ("lr", "vit_lr", "weight_decay", "beta1", "beta2", "warmup_steps"
                 "batch_size", "grad_accum", "seed",
                 "lm_type", "lm_layers", "lm_embd", "lm_heads", "vit_patch", "vit_width", "vit_layers", "vit_heads",
                 "image_size", "tokenizer", "bpe_merges", "adapter_kind", "adapter_places", "adapter_downsample",
-                "prefix_dropout", "freeze_vit", "lm_steps", "lm_batch_size", "lm_lr")
+                "prefix_dropout", "freeze_vit", "lm_steps", "lm_batch_size", "lm_lr",
+                "grad_clip", "train_size", "qa_fraction", "max_objects", "max_len")
 
 
 def _parse_bool(text):
@@ -342,9 +346,13 @@ def make_datasets(cfg):
     train = data.open_dataset(cfg.data, strict=cfg.strict)
     if cfg.val_data:
         return train, data.open_dataset(cfg.val_data, strict=cfg.strict)
-    # Hold out records by the hash of their image path, so all captions of an image fall on one side.
-    held = [data.stable_hash(path) % 100 == 0 for path, _ in train.records]
-    if not any(held) or all(held):
+    # Hold out 1 image in 100 by the hash of its path, so all captions of an image fall on one side. The
+    # path is taken relative to the folder all images share: the split stays the same when the data
+    # moves, or is given by an absolute path instead of a relative one.
+    paths = [os.path.abspath(path) for path, _ in train.records]
+    root = os.path.dirname(os.path.commonpath(paths)) if len(set(paths)) == 1 else os.path.commonpath(paths)
+    held = [data.stable_hash(os.path.relpath(path, root)) % 100 == 0 for path in paths]
+    if not any(held) or all(held):  # too few images to hold any out: main() says so
         return train, train
     pick = lambda keep: [r for r, h in zip(train.records, held) if h == keep]  # noqa: E731
     return (data.ImageTextDataset(pick(False), cfg.strict, train.name),
@@ -526,9 +534,9 @@ def lr_factor(step, total, warmup, schedule, min_ratio):
 # ----------------------------------------------------------------------------------------------------
 # Throughput figures for the progress bar (GPU only): tokens/s, MFU against the bf16 dense peak.
 
-PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; first key found in torch.cuda.get_device_name()
-    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "H800": 989, "GH200": 989,
-    "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak; keys tried in order, so longer names come first
+    "H100 PCIe": 756, "H100 NVL": 835, "GH200": 989, "H100": 989, "H200 NVL": 835, "H200": 989, "H800": 989,
+    "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125,
     "RTX 4090": 165, "RTX 3090": 71,
 }
 
@@ -542,15 +550,27 @@ def peak_tflops(device):
 
 
 def flops_per_sample(model, text_len):
-    """Training FLOPs of one sample (weights only, attention ignored): the frozen LM costs a forward
-    (2N) and the backward to its input (2N) per token, image prefix included; the trained ViT a
-    forward and a full backward (6N) per image token."""
-    if isinstance(model, TextLoss):
+    """Training FLOPs of one sample, matmul weights only (attention, norms and lookups ignored). A
+    weight costs per token 2 FLOPs forward, 2 for the gradient of its input, 2 for its own gradient:
+    the frozen LM's blocks 4N at every position (image prefix included), their trained adapters 6N,
+    the frozen vocabulary projection 4N at the text positions only (the loss's), the image prefix
+    and a trained ViT 6N per image token (a frozen ViT only its forward, 2N)."""
+    if isinstance(model, TextLoss):  # stage 1: every weight trained, at every position
         return 6 * sum(p.numel() for p in model.parameters()) * text_len
-    n_lm = sum(p.numel() for p in model.lm.parameters())
-    n_vit = sum(p.numel() for p in model.vit.parameters())
+    adapters = adapter_parameters(model.lm)  # LoRA's factors too, which are not nn.Linear layers
+    ids = {id(p) for p in adapters}
+
+    def matmul_weights(module):  # frozen or not, adapters excluded
+        return sum(m.weight.numel() for m in module.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) not in ids)
     vit_tokens = model.vit.config.grid ** 2 + 1
-    return 4 * n_lm * (vit_tokens + text_len) + 6 * n_vit * vit_tokens
+    image_tokens = vit_tokens if model.config.prefix_tokens == "all" else vit_tokens - 1
+    lm_positions = image_tokens + text_len
+    return (4 * matmul_weights(model.lm.transformer.h) * lm_positions
+            + 6 * sum(p.numel() for p in adapters) * lm_positions
+            + 4 * model.lm.lm_head.weight.numel() * text_len
+            + 6 * model.prefix.proj.weight.numel() * image_tokens
+            + (2 if model.config.freeze_vit else 6) * matmul_weights(model.vit) * vit_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -670,6 +690,10 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        # The saved learning rates follow the saved --steps; with more steps the schedule is stretched
+        # over the new total from here on, so this step's rates are recomputed on it too.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(start_step, steps, *schedule)
         if resume_state["scaler"] and scaler.is_enabled():  # empty unless the saved run used fp16
             scaler.load_state_dict(resume_state["scaler"])
     params = [p for g in groups for p in g["params"]]
@@ -923,6 +947,12 @@ def main(argv=None):
     dist.barrier()
     logger = Logger(dist, os.path.join(cfg.out_dir, "log.jsonl"))
     logger.start(resume_step=resume["step"] if resume is not None else None)
+    if val_set is train_set:
+        logger.print(f"note: {cfg.data} has too few images to hold 1 in 100 out: the validation figures are "
+                     f"on the training data; give --val_data for held-out ones")
+    if cfg.warmup_steps >= cfg.steps:
+        logger.print(f"note: --warmup_steps={cfg.warmup_steps} >= --steps={cfg.steps}: the learning rate never "
+                     f"reaches its peak --lr={cfg.lr}")
     tokenizer = make_tokenizer(cfg, train_set, logger) if resume is None else None
     t_start = time.perf_counter()
 
@@ -955,10 +985,10 @@ def main(argv=None):
     model.to(dist.device)
     if cfg.grad_checkpointing:
         checkpoint_blocks(list(model.lm.transformer.h) + list(model.vit.blocks))
-    torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on
-    if resume is not None:
-        set_rng_state(resume["rng"][dist.rank] if len(resume["rng"]) == dist.world else resume["rng"][0],
-                      dist.device)
+    torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-process randomness (dropout) from here on; a resume
+                                                  # on as many processes restores the saved states instead
+    if resume is not None and len(resume["rng"]) == dist.world:  # else the per-process seeds above
+        set_rng_state(resume["rng"][dist.rank], dist.device)
     logger.print(adapter_report(model, model.lm))
 
     collate_fn = functools.partial(data.collate, tokenizer=model.tokenizer, image_size=model.image_size,

@@ -320,3 +320,50 @@ def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
     train.main([f"--out_dir={out}", "--resume", "--steps=4", f"--lm={tmp_path / 'moved'}"])
     assert [r["step"] for r in log(out)] == [1, 2, 3, 4] and state(out)["train"]["step"] == 4
     assert json.loads(state(out)["config"])["lm"] == str(tmp_path / "moved")  # the next resume needs no --lm
+
+
+def test_flops_per_sample_counts_the_matmuls_that_run():
+    """The MFU's numerator (GPU runs only, so checked here by hand): frozen LM blocks 4N at every
+    position, adapters 6N, the vocabulary projection 4N at the text positions, prefix and ViT 6N
+    per image token (a frozen ViT 2N)."""
+    from adapters import AdapterConfig
+    from gpt import GPTConfig
+    from vit import ViTConfig
+    lm = GPTConfig(model_type="gpt2", vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    vit = ViTConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
+    d, w, T, I = 32, 32, 7, 5  # LM and ViT widths, text tokens, image tokens (4 patches + class token)
+    blocks = 2 * (d * 3 * d + d * d + 2 * d * 4 * d)          # c_attn, c_proj, c_fc, c_proj
+    adapters = 2 * (d * (d // 4) + d // 4 + (d // 4) * d + d)  # down and up, with biases, after each MLP
+    vit_weights = w * 3 * w + w * w + 2 * w * vit.hidden + 3 * 8 * 8 * w  # qkv, proj, MLP, patch conv
+    for freeze_vit in (False, True):
+        model = magma.Magma(magma.MagmaConfig(lm=lm, vit=vit, freeze_vit=freeze_vit,
+                                              adapters=AdapterConfig(places=("mlp",), downsample=4)))
+        expected = (4 * blocks * (I + T) + 6 * adapters * (I + T) + 4 * 257 * d * T + 6 * w * d * I
+                    + (2 if freeze_vit else 6) * vit_weights * I)
+        assert train.flops_per_sample(model, T) == expected
+
+
+def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path):
+    """4 steps, then --resume --steps=8: steps 5-8 use the 8-step schedule's rates, as a straight 8-step
+    run does (not the 4-step run's final rate, then a jump)."""
+    common = dict(warmup_steps=2, train_size=64)
+    train.main(args(tmp_path / "straight", **common, steps=8))
+    train.main(args(tmp_path / "longer", **common, steps=4))
+    train.main([f"--out_dir={tmp_path / 'longer'}", "--resume", "--steps=8"])
+    straight, longer = log(tmp_path / "straight"), log(tmp_path / "longer")
+    assert [r["step"] for r in longer] == list(range(1, 9))
+    assert [r["lr"] for r in longer[4:]] == pytest.approx([r["lr"] for r in straight[4:]])
+    assert [r["lr"] for r in longer[:4]] != pytest.approx([r["lr"] for r in straight[:4]])  # it did decay over 4
+
+
+def test_held_out_split_does_not_depend_on_how_the_path_is_written(tmp_path, monkeypatch):
+    rows = [{"image": f"img/{i}.png", "caption": f"c{i}"} for i in range(600)]  # images are read lazily
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path)
+    splits = []
+    for spec in (str(tmp_path / "d.jsonl"), "d.jsonl"):
+        cfg, _ = train.parse_config([f"--data={spec}", f"--out_dir={tmp_path / 'run'}"])
+        tr, va = train.make_datasets(cfg)
+        assert va is not tr and len(tr) + len(va) == 600 and 0 < len(va) < 30
+        splits.append(sorted(os.path.basename(p) for p, _ in va.records))
+    assert splits[0] == splits[1]
