@@ -78,7 +78,8 @@ FLOPs (used by bench.py): the forward does two matmuls of 2*Tq*Tk*D each: 4*B*H*
 half that with a causal mask (Tq = Tk). The backward's algorithm needs five (S again, dV, dP, dQ,
 dK): 2.5x the forward, the count FlashAttention's papers report and bench.py credits every
 implementation with. This kernel's backward runs seven (S and dP in both of its kernels, the price
-of having no atomics), so its hardware FLOP rate is 1.4x the one bench.py reports for it.
+of having no atomics): its hardware FLOP rate is 7/5 = 1.4x the credited one in the backward, and
+(2 + 7)/(2 + 5) = 1.29x in bench.py's forward+backward rows.
 
 Precision: fp16 and bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use exact
 fp32 dots ("ieee") unless torch.set_float32_matmul_precision allows TF32, as for torch matmuls.

@@ -42,14 +42,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ------------------------------------------------------------------------------------------------
 
 # The rows the running benchmark has measured so far (each bench_* function fills the list new_rows()
-# gives it): main() still prints and saves them when the run is interrupted (Ctrl-C, or the time limit
-# of `bench.py all --timeout-each`), so a run cut short keeps what it measured.
+# gives it), its payload fields known before the first row (shape, FLOP counts, columns) and the
+# function that adds the comparison columns: main() still prints and saves all of it when the run is
+# interrupted (Ctrl-C, or the time limit of `bench.py all --timeout-each`), so a run cut short keeps
+# what it measured, with its header and its ratios.
 _ROWS = []
+_HEADER = {}
+_FINISH = None
 
 
-def new_rows():
-    global _ROWS
-    _ROWS = []
+def new_rows(header=None, finish=None):
+    global _ROWS, _HEADER, _FINISH
+    _ROWS, _HEADER, _FINISH = [], dict(header or {}), finish
     return _ROWS
 
 
@@ -236,7 +240,12 @@ def bench_attention(args):
         picked = pick_variants("attention", [s[0] for s in shapes], args.shapes, flag="--shapes")
         shapes = [s for s in shapes if s[0] in picked]
     warmup, iters = (args.warmup, args.iters) if cuda else (0, 1)
-    rows = new_rows()
+    rows = new_rows({
+        "benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
+        "flops": "4*B*H*Tq*Tk*D forward, halved when causal; forward+backward = 3.5x forward (the backward "
+                 "credited with the algorithm's 5 matmuls; the Triton kernel runs 7)",
+        "columns": ["shape", "B,H,Tq,Tk,D", "causal", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms",
+                    "fwdbwd_tflops", "fwd_us", "GB/s", "note"]})
     for name, B, H, Tq, Tk, D, causal in shapes:
         decode = Tq == 1
         g = torch.Generator(device=device).manual_seed(0)
@@ -279,12 +288,7 @@ def bench_attention(args):
             if cuda:
                 torch.cuda.empty_cache()
         print(f"  {name} done", file=sys.stderr, flush=True)
-    columns = ["shape", "B,H,Tq,Tk,D", "causal", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms",
-               "fwdbwd_tflops", "fwd_us", "GB/s", "note"]
-    return {"benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
-            "flops": "4*B*H*Tq*Tk*D forward, halved when causal; forward+backward = 3.5x forward (the backward "
-                     "credited with the algorithm's 5 matmuls; the Triton kernel runs 7)",
-            "columns": columns, "rows": rows}
+    return {**_HEADER, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,7 +550,7 @@ class TransformersMagma(nn.Module):
         x = torch.cat([image, self.lm.transformer.wte(input_ids)], dim=1)  # (B, I+T, C)
         ignore = torch.full(image.shape[:2], -100, dtype=input_ids.dtype, device=input_ids.device)
         labels = torch.cat([ignore, input_ids.masked_fill(~text_mask.bool(), -100)], dim=1)  # (B, I+T)
-        return self.lm(inputs_embeds=x, labels=labels).loss
+        return self.lm(inputs_embeds=x, labels=labels, use_cache=False).loss  # training: no KV cache built
 
     @torch.no_grad()
     def generate_ids(self, pixels, prompt_ids, max_new_tokens):
@@ -671,7 +675,20 @@ def bench_train(args):
     from train import peak_tflops  # one table of GPU peaks, shared with the training progress bar
     flops, peak = sum(parts.values()), peak_tflops(device)
     inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
-    rows = new_rows()
+    rows = new_rows({
+        "benchmark": "train", "dtype": "bf16 autocast (lm_weights: dtype the frozen LM is held in)",
+        "shape": {"batch": batch, "image_tokens": image_tokens, "text_tokens": text_len,
+                  "lm": asdict(lm_config), "vit": asdict(vit_config), "adapters": asdict(ours.config.adapters)},
+        "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
+        "flops": train_flops.__doc__.strip(), "tokens": "tokens/s counts every LM position (image + text)",
+        "transformers_extra_flops_per_sample": 4 * image_tokens * lm_config.n_embd * lm_config.vocab_size,
+        "note": "the transformers assembly also projects the image positions to the vocabulary (its loss "
+                "takes logits at every position): transformers_extra_flops_per_sample, not credited, and "
+                "fp32 logits that count in its peak memory; x_*_vs_tf compare with the `transformers` row "
+                "(fp32 frozen LM), x_*_vs_tf_same_lm with the transformers row whose LM has the same dtype",
+        "columns": ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "samples_per_s",
+                    "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf", "x_memory_vs_tf",
+                    "x_samples_vs_tf_same_lm", "x_memory_vs_tf_same_lm", "note"]}, finish=train_ratios)
     for name in names:
         assembly, lm_weights, impl, compile_ = TRAIN_VARIANTS[name]
         row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "compile": compile_}
@@ -698,20 +715,25 @@ def bench_train(args):
             row["note"] = "out of memory"
         print(f"  {name} done", file=sys.stderr, flush=True)
     free_memory()
-    base = next((r for r in rows if r["variant"] == "transformers" and "samples_per_s" in r), None)
+    train_ratios(rows)
+    return {**_HEADER, "rows": rows}
+
+
+def train_ratios(rows):
+    """samples/s and peak memory of each row over those of the `transformers` row (the issue's anchor:
+    fp32 frozen LM) and over the transformers row whose frozen LM has the same dtype."""
+    def done(name=None, lm_weights=None):
+        return next((r for r in rows if r.get("samples_per_s") and r["variant"].startswith("transformers")
+                     and (name is None or r["variant"] == name)
+                     and (lm_weights is None or r["lm_weights"] == lm_weights)), None)
     for r in rows:
-        if base is not None and "samples_per_s" in r:
-            r["x_samples_vs_tf"] = r["samples_per_s"] / base["samples_per_s"]
-            if r.get("peak_gib") and base.get("peak_gib"):
-                r["x_memory_vs_tf"] = r["peak_gib"] / base["peak_gib"]
-    columns = ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "samples_per_s",
-               "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf", "x_memory_vs_tf", "note"]
-    return {"benchmark": "train", "dtype": "bf16 autocast (lm_weights: dtype the frozen LM is held in)",
-            "shape": {"batch": batch, "image_tokens": image_tokens, "text_tokens": text_len,
-                      "lm": asdict(lm_config), "vit": asdict(vit_config), "adapters": asdict(ours.config.adapters)},
-            "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
-            "flops": train_flops.__doc__.strip(), "tokens": "tokens/s counts every LM position (image + text)",
-            "columns": columns, "rows": rows}
+        if "samples_per_s" not in r:
+            continue
+        for suffix, base in (("", done(name="transformers")), ("_same_lm", done(lm_weights=r["lm_weights"]))):
+            if base is not None:
+                r["x_samples_vs_tf" + suffix] = r["samples_per_s"] / base["samples_per_s"]
+                if r.get("peak_gib") and base.get("peak_gib"):
+                    r["x_memory_vs_tf" + suffix] = r["peak_gib"] / base["peak_gib"]
 
 
 def bench_generate(args):
@@ -730,7 +752,19 @@ def bench_generate(args):
             "transformers": lambda px, ids, graph: theirs.generate_ids(px, ids, new)}
     # Both models stay on the GPU; a row's peak counts its own model's weights, not the other's.
     other_weights = {"ours": weights_bytes(theirs), "transformers": weights_bytes(ours)}
-    rows = new_rows()
+    rows = new_rows({
+        "benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
+        "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
+                  "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
+        "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
+                  "graph where there is one), EOS off; capture_ms: the median host time of that recording "
+                  "within a call",
+        "baseline": "transformers' generate as it comes (DynamicCache, no static cache, no torch.compile)",
+        "peak_gib": "peak memory allocated during the row, less the other model's weights (both stay on "
+                    "the GPU)",
+        "columns": ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step",
+                    "tokens_per_s", "x_vs_tf", "agree", "capture_ms", "peak_gib", "note"]},
+        finish=generate_ratios)
     for B in batches:
         g = torch.Generator().manual_seed(B)
         pixels = torch.randn(B, 3, vit_config.image_size, vit_config.image_size, generator=g).to(device, dtype)
@@ -764,21 +798,16 @@ def bench_generate(args):
             if reference is not None:  # the fraction of tokens equal to transformers' (bf16 may drift)
                 row["agree"] = sum(a == b for r, t in zip(reference, tokens) for a, b in zip(r, t)) / (B * new)
         print(f"  batch {B} done", file=sys.stderr, flush=True)
+    generate_ratios(rows)
+    return {**_HEADER, "rows": rows}
+
+
+def generate_ratios(rows):
+    """tokens/s of each row over the transformers row of its batch size."""
     for r in rows:
         base = next((b for b in rows if b["batch"] == r["batch"] and b["variant"] == "transformers"), None)
         if base is not None and "tokens_per_s" in base and "tokens_per_s" in r:
             r["x_vs_tf"] = r["tokens_per_s"] / base["tokens_per_s"]
-    columns = ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step", "tokens_per_s",
-               "x_vs_tf", "agree", "capture_ms", "peak_gib", "note"]
-    return {"benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
-            "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
-                      "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
-            "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
-                      "graph where there is one), EOS off; capture_ms: the median host time of that recording "
-                      "within a call",
-            "peak_gib": "peak memory allocated during the row, less the other model's weights (both stay on "
-                        "the GPU)",
-            "columns": columns, "rows": rows}
 
 
 def big_shapes(smoke):
@@ -817,7 +846,15 @@ def bench_big(args):
     flops, peak = sum(parts.values()), peak_tflops(device)
     n_lm = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows, batch, largest = new_rows(), 1, None
+    rows, batch = new_rows({
+        "benchmark": "big", "dtype": "frozen LM bf16, ViT/prefix/adapters fp32, bf16 autocast",
+        "attention": os.environ.get("MAGMA_ATTENTION", "auto"),
+        "shape": {"image_tokens": image_tokens, "text_tokens": text_len, "lm": asdict(lm_config),
+                  "vit": asdict(vit_config), "lm_params": n_lm, "trained_params": n_trained},
+        "max_batch": max_batch, "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
+        "flops": "see train_flops in bench.py",
+        "columns": ["batch", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
+                    "note"]}, finish=big_largest), 1
     while batch <= max_batch:
         row = {"batch": batch}
         rows.append(row)
@@ -828,7 +865,6 @@ def bench_big(args):
             _, ms = timed_training(model, inputs, False, warmup, iters)  # (one model trains on: no loss0 column)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
             row["peak_gib"] = peak_gib(device)
-            largest = batch
         except torch.cuda.OutOfMemoryError:
             oom = True  # handled below, once the exception (and the frames it holds) is gone
         except Exception as e:  # e.g. a Triton kernel for GPT-J's head dim 256 failing: no larger batch
@@ -842,25 +878,31 @@ def bench_big(args):
             break
         batch *= 2
     free_memory()
-    columns = ["batch", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
-               "note"]
-    return {"benchmark": "big", "dtype": "frozen LM bf16, ViT/prefix/adapters fp32, bf16 autocast",
-            "shape": {"image_tokens": image_tokens, "text_tokens": text_len, "lm": asdict(lm_config),
-                      "vit": asdict(vit_config), "lm_params": n_lm, "trained_params": n_trained},
-            "largest_batch": largest, "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
-            "flops": "see train_flops in bench.py", "columns": columns, "rows": rows}
+    big_largest(rows)
+    return {**_HEADER, "rows": rows}
+
+
+def big_largest(rows):
+    """The largest batch measured into the header; `capped`: it stopped at --max-batch, not at a
+    failure or out of memory, so a larger batch may fit."""
+    done = [r["batch"] for r in rows if "samples_per_s" in r]
+    _HEADER["largest_batch"] = max(done) if done else None
+    _HEADER["capped"] = bool(rows) and "samples_per_s" in rows[-1]  # the last row ran: no failure ended it
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-QUICK = {  # bench.py all --quick: the options each benchmark gets
-    "attention": ["--warmup", "3", "--iters", "20"],
-    "train": ["--warmup", "2", "--iters", "10",  # one compiled row: each is a cold compile of ~1 min
-              "--variants", ",".join(v for v in TRAIN_VARIANTS if v != "ours-sdpa-compile")],
-    "generate": ["--new-tokens", "64", "--iters", "3"],
-    "big": ["--max-batch", "64", "--warmup", "1", "--iters", "3"],
+QUICK = {  # bench.py all --quick: the children it runs in turn, each (command, the options it gets)
+    "attention": ("attention", ["--warmup", "3", "--iters", "20"]),
+    "train": ("train", ["--warmup", "2", "--iters", "10",
+                        "--variants", ",".join(v for v in TRAIN_VARIANTS if "compile" not in v)]),
+    "generate": ("generate", ["--new-tokens", "64", "--iters", "3"]),
+    "big": ("big", ["--max-batch", "64", "--warmup", "1", "--iters", "3"]),
+    # One compiled row, last and on its own: a cold compile takes about a minute, which would leave the
+    # eager rows' child no time (and it may be the one a time limit cuts off).
+    "train-compile": ("train", ["--warmup", "2", "--iters", "10", "--variants", "ours-compile"]),
 }
 
 
@@ -885,9 +927,12 @@ def run_all(args):
     if args.quick:  # first configs only: autotuning compiles every config of every kernel (~3 s each)
         env.setdefault("MAGMA_FLASH_AUTOTUNE", "0")
     failed = []
-    for name in QUICK:
-        cmd = [sys.executable, os.path.abspath(__file__), name, "--json", os.path.join(args.json_dir, f"{name}.json")]
-        cmd += ["--cpu-smoke"] if args.cpu_smoke else QUICK[name] if args.quick else []
+    for name, (command, quick_options) in QUICK.items():
+        if name != command and (args.cpu_smoke or not args.quick):  # else `train` runs its compiled rows
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), command, "--json",
+               os.path.join(args.json_dir, f"{name}.json")]
+        cmd += ["--cpu-smoke"] if args.cpu_smoke else quick_options if args.quick else []
         print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, env=env)
@@ -977,8 +1022,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: keeping the rows measured so far", file=sys.stderr, flush=True)
-        payload = {"environment": environment(), "benchmark": args.command, "interrupted": True,
-                   "columns": list(dict.fromkeys(k for r in _ROWS for k in r)), "rows": _ROWS}
+        if _FINISH is not None:
+            _FINISH(_ROWS)
+        payload = {"environment": environment(), "benchmark": args.command, **_HEADER, "interrupted": True,
+                   "columns": _HEADER.get("columns") or list(dict.fromkeys(k for r in _ROWS for k in r)),
+                   "rows": _ROWS}
     env = payload["environment"]
     print(f"{payload['benchmark']} on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{payload.get('dtype', '')}")

@@ -66,6 +66,11 @@ def test_train_smoke_writes_every_row(tmp_path):
     losses = [r["loss0"] for r in measured]
     assert max(losses) - min(losses) < 2e-2, losses
     assert rows["transformers"]["x_samples_vs_tf"] == 1.0
+    assert rows["transformers-bf16lm"]["x_samples_vs_tf_same_lm"] == 1.0  # each against its own LM dtype
+    assert rows["ours"]["x_samples_vs_tf_same_lm"] == pytest.approx(
+        rows["ours"]["samples_per_s"] / rows["transformers-bf16lm"]["samples_per_s"])
+    assert rows["ours-fp32lm"]["x_samples_vs_tf_same_lm"] == rows["ours-fp32lm"]["x_samples_vs_tf"]
+    assert payload["transformers_extra_flops_per_sample"] > 0
     assert rows["ours-compile"]["note"].startswith("n/a")
 
 
@@ -82,7 +87,7 @@ def test_generate_smoke_writes_every_row(tmp_path):
 def test_big_smoke_doubles_the_batch(tmp_path):
     payload = run(tmp_path, "big")
     assert [r["batch"] for r in payload["rows"]] == [1, 2, 4]
-    assert payload["largest_batch"] == 4
+    assert payload["largest_batch"] == 4 and payload["capped"]  # stopped by --max-batch, not by a failure
     assert payload["shape"]["lm"]["model_type"] == "gptj"
     for r in payload["rows"]:
         assert all(r[k] > 0 for k in POSITIVE), r
@@ -197,6 +202,7 @@ def test_all_runs_each_benchmark_and_keeps_going_after_a_failure(tmp_path):
     assert result.returncode != 0 and "bench.py all: train failed" in result.stderr, result.stderr[-2000:]
     for name in ("attention", "generate", "big"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["benchmark"] == name
+    assert not (tmp_path / "train-compile.json").exists()  # --quick's separate compiled row only
 
 
 def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
@@ -211,6 +217,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatc
         broken() if inputs[0].shape[0] == 2 else real(model, inputs, *a)))
     payload = run(tmp_path, "big")
     assert [r["batch"] for r in payload["rows"]] == [1, 2] and payload["largest_batch"] == 1
+    assert not payload["capped"]
     assert payload["rows"][1]["note"].startswith("failed: ValueError")
 
 
@@ -233,3 +240,6 @@ def test_an_interrupted_benchmark_keeps_the_rows_it_measured(tmp_path, monkeypat
     assert [(r["batch"], r["variant"]) for r in rows] == [(1, "transformers"), (1, "ours"), (2, "transformers"),
                                                          (2, "ours")]
     assert all("tokens_per_s" in r for r in rows[:3]) and "tokens_per_s" not in rows[3]
+    # the header known before the first row, and the ratios of the rows measured, are kept too
+    assert payload["shape"]["new_tokens"] == 8 and payload["columns"][:2] == ["batch", "variant"]
+    assert rows[1]["x_vs_tf"] > 0 and "x_vs_tf" not in rows[3]
