@@ -422,10 +422,12 @@ def _check_folder(path):
 
 
 def _captions(value, where):
+    """The captions of one image, stripped of surrounding whitespace (as COCO's are below): every
+    caption of an image is a record of its own (MAGMA's loader draws one of them per visit instead)."""
     if isinstance(value, str):
-        return [value]
+        return [value.strip()]
     if isinstance(value, list) and value and all(isinstance(c, str) for c in value):
-        return value
+        return [c.strip() for c in value]
     raise ValueError(f"{where}: caption(s) must be a string or a non-empty list of strings, got {value!r}")
 
 

@@ -315,7 +315,7 @@ def test_jsonl_coco_vqa_magma(tmp_path):
     _write_image(f"{root}/img/b.jpg", (0, 0, 255))
     with open(f"{root}/d.jsonl", "w") as f:
         f.write(json.dumps({"image": "img/a.png", "caption": "a red box"}) + "\n\n")
-        f.write(json.dumps({"image": "img/b.jpg", "caption": ["blue", "a blue box"]}) + "\n")
+        f.write(json.dumps({"image": "img/b.jpg", "caption": ["blue", " a blue box\n"]}) + "\n")  # stripped
     ds = data.open_dataset(f"{root}/d.jsonl")
     assert len(ds) == 3 and [ds[i]["caption"] for i in range(3)] == ["a red box", "blue", "a blue box"]
     assert ds[0]["image"].mode == "RGB" and ds[0]["skipped"] == []
