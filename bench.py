@@ -853,16 +853,18 @@ def bench_big(args):
                   "vit": asdict(vit_config), "lm_params": n_lm, "trained_params": n_trained},
         "max_batch": max_batch, "flops_per_sample": flops, "flops_parts": parts, "peak_tflops": peak,
         "flops": "see train_flops in bench.py",
-        "columns": ["batch", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib",
-                    "note"]}, finish=big_largest), 1
+        "columns": ["batch", "attention", "ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "mfu_pct",
+                    "peak_gib", "note"]}, finish=big_largest), 1
+    impl = _HEADER["attention"]
     while batch <= max_batch:
-        row = {"batch": batch}
+        row = {"batch": batch, "attention": impl}
         rows.append(row)
         free_memory()
         oom = False
         try:
             inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
-            _, ms = timed_training(model, inputs, False, warmup, iters)  # (one model trains on: no loss0 column)
+            with attention_impl(impl):
+                _, ms = timed_training(model, inputs, False, warmup, iters)  # (one model trains on: no loss0 column)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
             row["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
@@ -875,6 +877,9 @@ def bench_big(args):
         print(f"  batch {batch} {row.get('note', 'done')}", file=sys.stderr, flush=True)
         if "note" in row:  # out of memory or failed: no larger batch
             model.zero_grad(set_to_none=True)
+            if not oom and impl != "sdpa":  # e.g. the Triton kernel failing at GPT-J's head dim 256:
+                impl = "sdpa"              # this batch, and the larger ones, again with SDPA
+                continue
             break
         batch *= 2
     free_memory()

@@ -215,10 +215,16 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatc
     real = bench.timed_training
     monkeypatch.setattr(bench, "timed_training", lambda model, inputs, *a: (
         broken() if inputs[0].shape[0] == 2 else real(model, inputs, *a)))
-    payload = run(tmp_path, "big")
-    assert [r["batch"] for r in payload["rows"]] == [1, 2] and payload["largest_batch"] == 1
-    assert not payload["capped"]
+    payload = run(tmp_path, "big")  # batch 2 fails whatever the attention: tried again on SDPA, then no larger
+    assert [(r["batch"], r["attention"]) for r in payload["rows"]] == [(1, "auto"), (2, "auto"), (2, "sdpa")]
+    assert payload["largest_batch"] == 1 and not payload["capped"]
     assert payload["rows"][1]["note"].startswith("failed: ValueError")
+    monkeypatch.setattr(bench, "timed_training", lambda model, inputs, *a: (  # only the default attention fails
+        broken() if inputs[0].shape[0] == 2 and os.environ["MAGMA_ATTENTION"] != "sdpa" else real(model, inputs, *a)))
+    payload = run(tmp_path, "big")
+    assert [(r["batch"], r["attention"]) for r in payload["rows"]] == [(1, "auto"), (2, "auto"), (2, "sdpa"),
+                                                                     (4, "sdpa")]
+    assert payload["largest_batch"] == 4 and payload["capped"]
 
 
 def test_an_interrupted_benchmark_keeps_the_rows_it_measured(tmp_path, monkeypatch):
