@@ -133,9 +133,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint (with more --steps, or --lm / --vit "
                               "where its base weights have moved; model and optimizer settings stay as saved)")
     overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its checkpoint is replaced)")
-    stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process (kept "
-                             "on --resume, so each resumed job stops after as many more; 0 = run to the end), "
-                             "as a time-limited job would; --resume continues")
+    stop_after: int = opt(0, "stop (with a checkpoint) after this many stage-2 steps in this process, as a "
+                             "time-limited job would; --resume continues, and stops again after as many more "
+                             "(give --stop_after=0 to run to the end)")
     progress: bool = opt(True, "show a progress bar")
 
 
@@ -705,7 +705,7 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
     if cfg.compile:
         module = torch.compile(module)
     stream = batches(dataset, collate_fn, micro, dist, cfg, start=start_step * cfg.grad_accum, batch_flag=batch_flag)
-    peak = peak_tflops(dist.device)
+    peak, sample_flops = peak_tflops(dist.device), {}
     skipped = resume_state.get("skipped", 0) if resume_state else 0
     bar = tqdm(total=steps, initial=start_step, desc=stage, disable=not (dist.main and cfg.progress),
                dynamic_ncols=True, leave=True)
@@ -762,7 +762,9 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
             record["tokens_per_s"] = round(n_total / elapsed, 1)
             record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 2)
             if peak:
-                record["mfu"] = round(flops_per_sample(model, seq) * samples_s / (peak * 1e12 * dist.world), 4)
+                if seq not in sample_flops:  # counted once per text length: it walks every module
+                    sample_flops[seq] = flops_per_sample(model, seq)
+                record["mfu"] = round(sample_flops[seq] * samples_s / (peak * 1e12 * dist.world), 4)
         bar.update(1)
         bar.set_postfix({k: record[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb")
                          if k in record}, refresh=False)
