@@ -514,7 +514,7 @@ class Magma(nn.Module):
                                  f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
                                  f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
                                  f"({getattr(config, part)!r}) in the same dtype (a path loads in its stored "
-                                 f"dtype; else pass {part}=GPT/ViT.from_pretrained(PATH, dtype=...))")
+                                 f"dtype; else pass {part}={dict(lm='GPT', vit='ViT')[part]}.from_pretrained(PATH, dtype=...))")
         for part in ("lm", "vit"):  # a part the file holds was fingerprinted as a random skeleton above:
             if includes[part]:      # keep the fingerprint of the weights it was saved from
                 model.base_fingerprint[part] = checkpoint["fingerprint"][part]
