@@ -590,14 +590,25 @@ def main(argv=None):
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type not in ("cpu", "cuda", "mps"):  # e.g. meta holds no data: nothing could be printed
+        parser.error(f"--device {args.device!r}: generation runs on cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {args.device}: no Apple GPU (MPS) is available; use --device cpu")
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA --device")
     try:
         example = [load_image(value) if kind == "image" else value for kind, value in args.items]
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit).to(device, dtype)
+        checkpoint = read_magma_checkpoint(args.checkpoint)
+        saved = json.loads(checkpoint["config"])
+        for part, given in (("lm", args.lm), ("vit", args.vit)):
+            if given is not None and checkpoint["includes"][part]:  # say so, rather than ignore it silently
+                used = part == "lm" and saved["tokenizer"] == saved["lm"]  # the LM's folder holds the tokenizer
+                print(f"magma.py: note: the checkpoint holds the {dict(lm='LM', vit='ViT')[part]}'s weights; --{part} "
+                      + ("only locates its tokenizer" if used else "is not used"), file=sys.stderr)
+        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit, checkpoint=checkpoint).to(device, dtype)
         generator = None
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -496,6 +496,13 @@ def test_command_line(tmp_path, capsys):
                  "--max-new-tokens", "5", "--dtype", "bf16"])
     assert text == copy.deepcopy(model).to(torch.bfloat16).generate([[pix]], max_new_tokens=5, temperature=0)[0]
     capsys.readouterr()
+    # this checkpoint holds the (random) LM and ViT: --lm and --vit are not used, and the user is told so
+    text = main(["--checkpoint", ckpt, "--prompt", "x", "--temperature", "0", "--max-new-tokens", "3",
+                 "--lm", "gpt2/", "--vit", "ViT-B-16.pt"])
+    assert text == model.generate([["x"]], max_new_tokens=3, temperature=0)[0]
+    assert capsys.readouterr().err.splitlines() == [
+        "magma.py: note: the checkpoint holds the LM's weights; --lm is not used",
+        "magma.py: note: the checkpoint holds the ViT's weights; --vit is not used"]
 
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     (tmp_path / "bad.pt").write_bytes(b"\x00not a checkpoint" * 10)
@@ -505,6 +512,7 @@ def test_command_line(tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "none.pt"),
         (["--checkpoint", str(tmp_path / "bad.pt"), "--prompt", "x"], "bad.pt"),  # torch's error: many lines
         (["--prompt", "x", "--device", "tpu9"], "--device 'tpu9'"),
+        (["--prompt", "x", "--device", "meta"], "--device 'meta': generation runs on cpu, cuda or mps"),
         (["--prompt", "x", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA --device"),
         (["--prompt", "x", "--dtype", "fp8"], "--dtype"),
         (["--checkpoint", str(tmp_path), "--prompt", "x"], "is a folder; give the ckpt.pt file in it"),
