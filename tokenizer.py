@@ -25,7 +25,9 @@ Pass allowed_special="all", or a set of names, to have those strings become thei
 
 import argparse
 import collections
+import collections.abc
 import json
+import operator
 import os
 import re
 import sys
@@ -75,7 +77,7 @@ BYTE_DECODER = {s: b for b, s in BYTE_ENCODER.items()}  # str -> int
 # would be one pre-token instead of "x" + "²": different tokens from GPT-2's. `re`'s \s is not
 # GPT-2's either: str.isspace() also counts the ASCII separators U+001C-U+001F, which are not in
 # Unicode's White_Space property that `regex` (and tiktoken) use.
-# So the classes are built exactly, once, by scanning all code points' categories (~0.3 s) into
+# So the classes are built exactly, once, by scanning all code points' categories (under a second) into
 # ranges for a `re` character class. They follow this Python's Unicode version
 # (unicodedata.unidata_version); a character assigned only in a later version is "other" here.
 
@@ -139,14 +141,16 @@ def pretokenize(text):
 # -----------------------------------------------------------------------------
 # 4. BPE
 
+NO_RANK = float("inf")  # the rank of a pair the merge table does not hold
+
 
 def bpe(word, ranks):
     """Merge a word (a string of byte symbols) into tokens: repeatedly join the adjacent pair with the
     lowest rank in the merge table, everywhere it occurs, until no adjacent pair has a rank."""
     parts = list(word)
     while len(parts) > 1:
-        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, float("inf")))
-        if best not in ranks:
+        best = min(set(zip(parts, parts[1:])), key=lambda pair: ranks.get(pair, NO_RANK))
+        if best not in ranks:  # no adjacent pair is in the table: done
             break
         merged, i = [], 0
         while i < len(parts):  # left to right, non-overlapping: "aaa" -> "aa" "a"
@@ -181,7 +185,7 @@ def _split_special(text, allowed_special, special_tokens):
     text = _encodable(text)
     if allowed_special == "all":
         allowed = set(special_tokens)
-    elif isinstance(allowed_special, str):
+    elif isinstance(allowed_special, str) or not isinstance(allowed_special, collections.abc.Iterable):
         raise ValueError(f'allowed_special must be "all" or a set of token strings, got {allowed_special!r}')
     else:
         allowed = set(allowed_special)
@@ -197,7 +201,20 @@ def _split_special(text, allowed_special, special_tokens):
 
 
 def _check_ids(ids, vocab_size):
-    ids = [int(i) for i in ids]  # also accepts a tensor or numpy array
+    """ids as a list of Python ints: any 1-D sequence of integers (a list, a tensor, a numpy array), never
+    a string or floats, which int() would quietly turn into other ids."""
+    def describe(x):
+        return f"a {type(x).__name__} of shape {tuple(x.shape)}" if getattr(x, "ndim", 0) else repr(x)[:40]
+
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, collections.abc.Iterable):
+        raise TypeError(f"decode expects a sequence of integer token ids, got {describe(ids)}")
+    checked = []
+    for i in ids:
+        try:
+            checked.append(operator.index(i))  # an int, a numpy integer or a 0-d integer tensor
+        except TypeError:
+            raise TypeError(f"decode expects a 1-D sequence of integer token ids, got {describe(i)} in it") from None
+    ids = checked
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is out of range for this tokenizer (vocab_size {vocab_size})")
@@ -235,7 +252,9 @@ class Tokenizer:
                 break
         else:
             looked_for = " or ".join(f"{v} + {m}" for v, m in conventions)
-            raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}")
+            found = [name for pair in conventions for name in pair if os.path.isfile(os.path.join(path, name))]
+            found = f" (found only {', '.join(found)})" if found else ""
+            raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}{found}")
         encoder = _read_json(vocab_file)
         merges = _read_merges(merges_file)
         _check_vocabulary(encoder, merges, vocab_file, merges_file)
@@ -244,7 +263,9 @@ class Tokenizer:
         special_tokens = {EOT: encoder[EOT]}
         added_file = os.path.join(path, "added_tokens.json")
         if os.path.isfile(added_file):
-            special_tokens.update(_read_json(added_file))
+            added = _read_json(added_file)
+            _check_added(added, encoder, added_file)
+            special_tokens.update(added)
         return cls(encoder, merges, special_tokens)
 
     @classmethod
@@ -252,10 +273,15 @@ class Tokenizer:
         """The tokenizer a merge table alone defines (what train_bpe learns): ids 0-255 are the byte
         symbols in byte order, then one id per new token in merge order, then <|endoftext|>."""
         encoder = {BYTE_ENCODER[b]: b for b in range(256)}
-        for rank, (a, b) in enumerate(merges):
+        for rank, pair in enumerate(merges):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise ValueError(f"merge #{rank} {pair!r}: a merge is a pair of two token strings")
+            a, b = pair
             if a not in encoder or b not in encoder:
                 raise ValueError(f"merge #{rank} {a!r} + {b!r} uses a token no earlier merge made")
-            encoder.setdefault(a + b, len(encoder))
+            if a + b in encoder:  # (also a pair listed twice): BPE could not have learned it
+                raise ValueError(f"merge #{rank} {a!r} + {b!r} makes {a + b!r}, which an earlier merge made")
+            encoder[a + b] = len(encoder)
         encoder[EOT] = len(encoder)
         return cls(encoder, merges)
 
@@ -328,8 +354,11 @@ def train_bpe(texts, max_merges):
     """Learn byte-level BPE from `texts`: start from single bytes; count every adjacent pair of symbols
     inside the pre-tokenized words (weighted by how often each word occurs); make the most frequent
     pair one new symbol; repeat until max_merges merges or no pair occurs twice. Ties go to the
-    larger pair, so the result depends on the texts only. Returns Tokenizer.from_merges(merges), which
+    larger pair, compared as symbol strings (so "Ġ", a space, comes after every ASCII letter): the
+    result depends on the texts only. Returns Tokenizer.from_merges(merges), which
     encodes every training word into the pieces its last merge left."""
+    if isinstance(texts, str):  # iterating it would count single characters: nothing to merge
+        raise TypeError("train_bpe(texts, max_merges): texts must be a list of strings, not one string")
     word_counts = collections.Counter(word for text in texts for word in pretokenize(text))
     words = [([BYTE_ENCODER[b] for b in word.encode("utf-8")], n) for word, n in word_counts.items()]
     merges = []
@@ -358,29 +387,46 @@ def train_bpe(texts, max_merges):
 
 
 def _read_json(file):
-    try:
-        with open(file, encoding="utf-8") as f:
-            table = json.load(f)
+    def no_repeats(pairs):  # json.load would keep the last of two entries for one token, silently
+        table = {}
+        for key, value in pairs:
+            if key in table:
+                raise ValueError(f"{file}: token {key!r} is listed twice")
+            table[key] = value
+        return table
+
+    try:  # utf-8-sig: a byte-order mark some editors write is not part of the first token
+        with open(file, encoding="utf-8-sig") as f:
+            table = json.load(f, object_pairs_hook=no_repeats)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read token table {file}: {e}") from None
-    if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
-        raise ValueError(f"{file} is not a JSON object of token -> integer id")
+    # (JSON's true is a Python bool, and bool is an int: refuse it by name)
+    if not isinstance(table, dict) or not all(type(v) is int and v >= 0 for v in table.values()):
+        raise ValueError(f"{file} is not a JSON object of token -> integer id (>= 0)")
+    ids = {}
+    for token, i in table.items():  # two tokens with one id: decode could give only one of them
+        if i in ids:
+            raise ValueError(f"{file}: tokens {ids[i]!r} and {token!r} have the same id {i}")
+        ids[i] = token
     return table
 
 
 def _read_merges(file):
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read merges file {file}: {e}") from None
-    merges = []
+    merges, seen = [], {}
     for n, line in enumerate(lines, start=1):
         if not line or (n == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")
         if len(pair) != 2 or not all(pair):
             raise ValueError(f"{file} line {n}: expected two tokens separated by one space, got {line!r}")
+        if tuple(pair) in seen:  # which rank would it have? (the two copies give different tokens)
+            raise ValueError(f"{file} line {n}: the merge {line!r} is already on line {seen[tuple(pair)]}")
+        seen[tuple(pair)] = n
         merges.append(tuple(pair))
     return merges
 
@@ -399,6 +445,26 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file):
             raise ValueError(
                 f"{merges_file}: merge #{rank} {a!r} + {b!r} gives {a + b!r}, which is not in {vocab_file}"
             )
+    # A token longer than one symbol that no merge makes can never be produced: the merges file was
+    # cut short, or belongs to another vocabulary (GPT-2: 256 byte symbols + 50,000 merges + <|endoftext|>).
+    made = {a + b for a, b in merges}
+    unmade = [t for t in encoder if t != EOT and len(t) > 1 and t not in made]
+    if unmade:
+        raise ValueError(f"{vocab_file}: {len(unmade)} token(s) that no merge in {merges_file} makes, e.g. "
+                         f"{unmade[0]!r} (is {os.path.basename(merges_file)} cut short, or from another vocabulary?)")
+
+
+def _check_added(added, encoder, added_file):
+    """added_tokens.json may name new special tokens, or repeat a vocabulary token with its own id; it may
+    not give an id that another token has (decode would write the wrong text) or rename an id."""
+    for token, i in added.items():
+        if not token:
+            raise ValueError(f"{added_file}: an added token with an empty name (id {i})")
+        if token in encoder and encoder[token] != i:
+            raise ValueError(f"{added_file}: {token!r} has id {i}, but {encoder[token]} in the vocabulary")
+        taken = [t for t, j in encoder.items() if j == i and t != token]
+        if taken:
+            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {taken[0]!r}'s")
 
 
 # -----------------------------------------------------------------------------

@@ -15,10 +15,12 @@ import shutil
 import socket
 import unicodedata
 
+import numpy as np
 import pytest
 import regex  # installed with transformers
 import tiktoken
 import tiktoken.load
+import torch
 
 from tokenizer import (
     BYTE_ENCODER,
@@ -254,6 +256,14 @@ def test_decode_invalid_utf8_and_bad_ids(tok):
         tok.decode([1, 50257])
     with pytest.raises(ValueError, match="-1"):
         tok.decode([-1])
+    assert tok.decode(torch.tensor([15496, 995])) == tok.decode(np.array([15496, 995])) == "Hello world"
+    # int() would read these as other ids: "123" as 1, 2, 3 and 1.7 as 1
+    for bad, named in [("123", "'123'"), ([1.7], "1.7"), (torch.tensor([15496.9]), "tensor(15496.9004)"),
+                       (torch.tensor([[1, 2]]), "Tensor of shape (2,)"), (None, "None")]:
+        with pytest.raises(TypeError, match=re.escape(named)):
+            tok.decode(bad)
+    with pytest.raises(ValueError, match='allowed_special must be "all" or a set'):
+        tok.encode("x", allowed_special=None)
 
 
 def test_both_file_conventions_load(tok, data_dir, hf_dir):
@@ -271,6 +281,15 @@ def test_added_tokens_json_adds_special_tokens(hf_dir, tmp_path):
     assert t.vocab_size == 50258 and t.eos_id == 50256
     assert t.encode("x<|image|>", allowed_special="all") == [87, 50257]
     assert t.decode([87, 50257]) == "x<|image|>"
+    # an added token may repeat a vocabulary entry as it is, never take or change an id
+    (d / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 50256, "<|image|>": 50257}))
+    assert Tokenizer.from_pretrained(str(d)).vocab_size == 50258
+    for added, message in [({"<|img|>": 31373}, "id 31373, which is already 'hello''s"),
+                           ({"<|endoftext|>": 7}, "'<|endoftext|>' has id 7, but 50256 in the vocabulary"),
+                           ({"": 50257}, "empty name")]:
+        (d / "added_tokens.json").write_text(json.dumps(added))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Tokenizer.from_pretrained(str(d))
 
 
 def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path):
@@ -283,7 +302,7 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
     only_vocab = tmp_path / "only_vocab"
     only_vocab.mkdir()
     shutil.copy(hf_dir / "vocab.json", only_vocab / "vocab.json")
-    with pytest.raises(FileNotFoundError, match="merges.txt"):
+    with pytest.raises(FileNotFoundError, match=r"merges.txt.*\(found only vocab.json\)"):
         Tokenizer.from_pretrained(str(only_vocab))
 
     def broken(vocab_text=None, merges_text=None):
@@ -304,6 +323,20 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
     vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
     with pytest.raises(ValueError, match="'raw space'"):  # a real space is not a byte symbol (Ġ is)
         Tokenizer.from_pretrained(broken(vocab_text=json.dumps({**vocab, "raw space": 60000})))
+    # files that would load and then give wrong tokens or wrong text
+    for vocab_text, message in [({**vocab, "Ġzzzzqq": 995}, "tokens 'Ġworld' and 'Ġzzzzqq' have the same id 995"),
+                                ('{"a": 1, "b": 2, "a": 3}', "token 'a' is listed twice"),
+                                ('{"a": true}', "integer id"), ('{"a": -1}', "integer id")]:
+        text = vocab_text if isinstance(vocab_text, str) else json.dumps(vocab_text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Tokenizer.from_pretrained(broken(vocab_text=text))
+    merges = (hf_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+    with pytest.raises(ValueError, match="30000 token.*no merge in .*merges.txt makes.*cut short"):
+        Tokenizer.from_pretrained(broken(merges_text="\n".join(merges[:20001])))  # the first 20,000 merges
+    with pytest.raises(ValueError, match="line 50003: the merge 'Ġ t' is already on line 2"):
+        Tokenizer.from_pretrained(broken(merges_text="\n".join(merges) + "\nĠ t"))
+    with_bom = Tokenizer.from_pretrained(broken("\ufeff" + json.dumps(vocab), "\ufeff" + "\n".join(merges)))
+    assert with_bom.encoder == vocab and len(with_bom.merges) == 50000  # a byte-order mark is not a token
     del vocab["<|endoftext|>"]
     with pytest.raises(ValueError, match="endoftext"):
         Tokenizer.from_pretrained(broken(vocab_text=json.dumps(vocab)))
@@ -330,7 +363,8 @@ def test_byte_tokenizer():
 
 def test_train_bpe_by_hand():
     """Pair counts worked out by hand on 'hug hug hug pug pug bun' (words: hug, Ġhug x2, Ġpug x2, Ġbun):
-    (u,g) 5 -> (h,ug) 3 -> then four pairs of count 2, taken largest first -> stop at count 1."""
+    (u,g) 5 -> (h,ug) 3 -> three pairs of count 2 taken largest first, as symbol strings ("Ġ" is chr(288),
+    after every letter): (Ġ,p), then (Ġp,ug) which that merge made, then (Ġ,hug) -> stop at count 1."""
     t = train_bpe(["hug hug hug pug pug bun"], max_merges=100)
     assert t.merges == [("u", "g"), ("h", "ug"), ("Ġ", "p"), ("Ġp", "ug"), ("Ġ", "hug")]
     assert t.vocab_size == 256 + 5 + 1 and t.eos_id == 261
@@ -338,6 +372,13 @@ def test_train_bpe_by_hand():
     assert [t.decode([i]) for i in t.encode(" hug")] == [" hug"]
     assert train_bpe(["hug hug hug pug pug bun"], max_merges=2).merges == t.merges[:2]
     assert train_bpe([""], max_merges=10).merges == [] and train_bpe(["ab"], 10).vocab_size == 257
+    with pytest.raises(TypeError, match="a list of strings, not one string"):  # it would learn nothing
+        train_bpe("hug hug hug pug pug bun", max_merges=100)
+    assert Tokenizer.from_merges([["u", "g"], ["h", "ug"]]).encode("hug") == [257]  # as a checkpoint stores it
+    for merges, message in [([("u", "g", "h")], "a pair of two token strings"),
+                            ([("u", "g"), ("u", "g")], "merge #1 'u' + 'g' makes 'ug', which an earlier merge made")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Tokenizer.from_merges(merges)
 
 
 def test_train_bpe_round_trips_and_shortens_its_corpus():
