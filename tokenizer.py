@@ -254,6 +254,9 @@ class Tokenizer:
             looked_for = " or ".join(f"{v} + {m}" for v, m in conventions)
             found = [name for pair in conventions for name in pair if os.path.isfile(os.path.join(path, name))]
             found = f" (found only {', '.join(found)})" if found else ""
+            if os.path.isfile(os.path.join(path, "tokenizer.json")):  # e.g. Pythia / GPT-NeoX folders
+                found += ("; its tokenizer.json (the Hugging Face `tokenizers` format, which GPT-NeoX and Pythia "
+                          "ship alone) is not read by this GPT-2 tokenizer")
             raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}{found}")
         encoder = _read_json(vocab_file)
         merges = _read_merges(merges_file)

@@ -304,6 +304,9 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
     shutil.copy(hf_dir / "vocab.json", only_vocab / "vocab.json")
     with pytest.raises(FileNotFoundError, match=r"merges.txt.*\(found only vocab.json\)"):
         Tokenizer.from_pretrained(str(only_vocab))
+    (only_vocab / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json \(the Hugging Face `tokenizers` format.*not read"):
+        Tokenizer.from_pretrained(str(only_vocab))
 
     def broken(vocab_text=None, merges_text=None):
         d = tmp_path / f"broken{len(os.listdir(tmp_path))}"
