@@ -227,7 +227,7 @@ def refusal(fn, q, k, v, causal):
 
 def bench_attention(args):
     """Forward and forward+backward TFLOP/s (decode: µs per call) for each shape and implementation."""
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.cpu_smoke  # --cpu-smoke runs on the CPU, GPU or not
     if not cuda and not args.cpu_smoke:
         raise SystemExit("bench.py attention: no CUDA GPU found. The timings are meant for a GPU; "
                          "run with --cpu-smoke to exercise the script on tiny CPU shapes "
@@ -959,14 +959,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="without a GPU: run tiny shapes on CPU to check that the script works")
+                   help="run tiny shapes on the CPU (even where a GPU is) to check that the script works")
     p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
                    + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
     p.add_argument("--warmup", type=nonnegative_int, default=10)
     p.add_argument("--iters", type=positive_int, default=50)
     p.set_defaults(func=bench_attention)
 
-    smoke_help = "without a GPU: tiny models on the CPU, a couple of steps, to check that the script works"
+    smoke_help = "tiny models on the CPU (even where a GPU is), a couple of steps, to check that the script works"
     variants_help = "comma-separated subset of the rows: {} (default: all)"
     p = sub.add_parser("train", help="MAGMA training step (GPT-2 124M + adapters, ViT-B/16): ours vs transformers")
     p.add_argument("--batch-size", type=positive_int, default=64)

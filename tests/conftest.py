@@ -10,6 +10,11 @@ import torch
 # The tests run tiny models, for which one thread is faster than several (and CI has 2 cores).
 torch.set_num_threads(1)
 
+# A shell's MAGMA_ATTENTION=triton (say) would change which attention every test runs; the tests that
+# need one implementation set it themselves. (MAGMA_FLASH_AUTOTUNE=0 is kept: it only pins the kernel's
+# block sizes, which saves minutes of compiling on a GPU.)
+os.environ.pop("MAGMA_ATTENTION", None)
+
 
 @pytest.fixture
 def no_tf32():

@@ -55,6 +55,18 @@ def _torchvision_transforms():
     return T
 
 
+@pytest.fixture(autouse=True, scope="module")
+def forget_planted_torchvision():
+    """The bare torchvision package planted above must not outlive this file: to later tests (and to
+    transformers' checks for an installed torchvision) it would look like a real installation."""
+    def planted():
+        return {name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")}
+    before = planted()
+    yield
+    for name in planted() - before:
+        del sys.modules[name]
+
+
 def torchvision_clip_preprocess(size):
     """CLIP's own preprocess (clip/clip.py `_transform`), built from torchvision's transforms."""
     T = _torchvision_transforms()

@@ -477,28 +477,29 @@ def test_bad_checkpoint_files_are_named(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+    cli = lambda argv: main(["--device", "cpu", *argv])  # as on a machine without a GPU (a later --device wins)
     ckpt = str(tmp_path / "m.pt")
     model.save(ckpt)
     image = Image.new("RGB", (24, 20), (200, 30, 30))
     image.save(tmp_path / "a.png")
-    text = main(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "A picture of",
-                 "--temperature", "0", "--max-new-tokens", "5"])
+    text = cli(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "A picture of",
+                "--temperature", "0", "--max-new-tokens", "5"])
     assert capsys.readouterr().out == text + "\n"
     assert text == model.generate([[clip_preprocess(image, 16), "A picture of"]], max_new_tokens=5, temperature=0)[0]
 
     # several images and prompts, interleaved in command-line order
-    text = main(["--checkpoint", ckpt, "--prompt", "x", "--image", str(tmp_path / "a.png"), "--prompt", "A",
-                 "--image", str(tmp_path / "a.png"), "--temperature", "0", "--max-new-tokens", "5"])
+    text = cli(["--checkpoint", ckpt, "--prompt", "x", "--image", str(tmp_path / "a.png"), "--prompt", "A",
+                "--image", str(tmp_path / "a.png"), "--temperature", "0", "--max-new-tokens", "5"])
     pix = clip_preprocess(image, 16)
     assert text == model.generate([["x", pix, "A", pix]], max_new_tokens=5, temperature=0)[0]
     # the whole model in bf16: what the bf16 copy of the model says
-    text = main(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--temperature", "0",
-                 "--max-new-tokens", "5", "--dtype", "bf16"])
+    text = cli(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--temperature", "0",
+                "--max-new-tokens", "5", "--dtype", "bf16"])
     assert text == copy.deepcopy(model).to(torch.bfloat16).generate([[pix]], max_new_tokens=5, temperature=0)[0]
     capsys.readouterr()
     # this checkpoint holds the (random) LM and ViT: --lm and --vit are not used, and the user is told so
-    text = main(["--checkpoint", ckpt, "--prompt", "x", "--temperature", "0", "--max-new-tokens", "3",
-                 "--lm", "gpt2/", "--vit", "ViT-B-16.pt"])
+    text = cli(["--checkpoint", ckpt, "--prompt", "x", "--temperature", "0", "--max-new-tokens", "3",
+                "--lm", "gpt2/", "--vit", "ViT-B-16.pt"])
     assert text == model.generate([["x"]], max_new_tokens=3, temperature=0)[0]
     assert capsys.readouterr().err.splitlines() == [
         "magma.py: note: the checkpoint holds the LM's weights; --lm is not used",
@@ -531,7 +532,7 @@ def test_command_line(tmp_path, capsys):
     for args, message in errors:
         argv = args if "--checkpoint" in args else ["--checkpoint", ckpt] + args
         with pytest.raises(SystemExit):
-            main(argv)
+            cli(argv)
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 or lines[0].startswith("usage:"), lines  # argparse's usage, then its error
         assert lines[-1].startswith("magma.py: error: ") and message in lines[-1], lines
@@ -544,7 +545,7 @@ def test_command_line_as_a_user_runs_it(tmp_path):
     image = Image.new("RGB", (24, 20), (200, 30, 30))
     image.save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    ckpt, greedy = ["--checkpoint", "m.pt"], ["--temperature", "0", "--max-new-tokens", "5"]
+    ckpt, greedy = ["--checkpoint", "m.pt", "--device", "cpu"], ["--temperature", "0", "--max-new-tokens", "5"]
     runs = {  # name: (arguments, rc, what the one stderr line names)
         "caption": (ckpt + ["--image", "a.png", "--prompt", "A picture of"], 0, None),
         "few_shot": (ckpt + ["--image", "a.png", "--prompt", "A red.", "--image", "a.png", "--prompt", "A"] + greedy,

@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(lm_layers=1, lm_embd=32, lm_heads=2, vit_patch=16, vit_width=32, vit_layers=1, vit_heads=2,
             image_size=32, train_size=256, val_size=8, eval_every=0, eval_batches=1, eval_images=2,
-            log_every=1, progress=False, lm_steps=0, steps=3, batch_size=8, warmup_steps=1, qa_fraction=0.25)
+            log_every=1, progress=False, lm_steps=0, steps=3, batch_size=8, warmup_steps=1, qa_fraction=0.25,
+            device="cpu")  # the same small runs on a machine with a GPU (the GPU paths have their own tests)
 
 
 def args(out_dir, **overrides):
@@ -145,8 +146,8 @@ def test_tiny_end_to_end(tmp_path, capsys):
     val = data.ShapesDataset("val", 4, 32, max_objects=1)
     png = tmp_path / "scene.png"
     val.example(0)["image"].save(png)
-    caption = magma.main(["--checkpoint", str(out / "ckpt.pt"), "--image", str(png), "--temperature", "0",
-                          "--max-new-tokens", "100"])
+    caption = magma.main(["--device", "cpu", "--checkpoint", str(out / "ckpt.pt"), "--image", str(png),
+                          "--temperature", "0", "--max-new-tokens", "100"])
     assert caption.startswith("a ") and "in the" in caption and "\n" not in caption
 
 
@@ -245,6 +246,14 @@ def test_mixed_precision_runs_a_step_on_cpu(tmp_path, precision):
     with pytest.raises(SystemExit, match=f"--lm_dtype={other} needs --precision={other}"):
         train.main(args(tmp_path / "mixed", precision=precision, lm_dtype=other))
     assert state(tmp_path / "fp32lm")["state_dict"]["lm.transformer.h.0.attn.module.c_attn.weight"].dtype == torch.float32
+    # The optimizer stepped (the GradScaler's step is easy to lose) ...
+    steps = [int(s["step"]) for s in state(tmp_path)["train"]["optimizer"]["state"].values()]
+    assert steps and all(n == 2 for n in steps), steps
+    # ... and autocast ran: with the LM in fp32 too, the first loss differs from a plain fp32 run's (the
+    # same weights and batch) by a half-precision rounding, neither equal nor far
+    train.main(args(tmp_path / "fp32", precision="fp32", steps=1))
+    amp_loss, fp32_loss = log(tmp_path / "fp32lm")[0]["loss"], log(tmp_path / "fp32")[0]["loss"]
+    assert amp_loss != fp32_loss and abs(amp_loss - fp32_loss) < 0.02 * fp32_loss, (amp_loss, fp32_loss)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -303,15 +312,15 @@ def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(["--preset=gpt2-clip", f"--lm={lm_dir}", f"--vit={vit_path}", f"--data={tmp_path / 'data.jsonl'}",
                 f"--out_dir={out}", "--steps=3", "--batch_size=4", "--warmup_steps=1", "--num_workers=0",
-                "--eval_images=2", "--log_every=1", "--progress=false", "--precision=fp32"])
+                "--eval_images=2", "--log_every=1", "--progress=false", "--precision=fp32", "--device=cpu"])
     records = log(out)
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     saved = state(out)
     assert saved["includes"] == {"lm": False, "vit": True}  # the frozen LM is not saved; the trained ViT is
     assert all(".adapter." in k for k in saved["state_dict"] if k.startswith("lm."))
     capsys.readouterr()
-    caption = magma.main(["--checkpoint", str(out / "ckpt.pt"), "--image", str(tmp_path / "0.png"),
-                          "--temperature", "0", "--max-new-tokens", "5"])
+    caption = magma.main(["--device", "cpu", "--checkpoint", str(out / "ckpt.pt"),
+                          "--image", str(tmp_path / "0.png"), "--temperature", "0", "--max-new-tokens", "5"])
     assert isinstance(caption, str)
     # The base LM moved: --resume finds it where --lm now says (and checks it is the same weights).
     os.rename(lm_dir, tmp_path / "moved")

@@ -293,7 +293,7 @@ def test_presets_match_openai_sizes():
             assert n_params(ours) == 87_849_216  # the published CLIP ViT-B/32 image tower
 
 
-def test_tiny_model_trains():
+def test_every_parameter_gets_a_gradient():
     model = ViT(ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16))
     model.encode_image(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
