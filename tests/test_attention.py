@@ -74,6 +74,17 @@ def test_reference_and_sdpa_match_definition(Tq, Tk, causal, pad):
     assert (out - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("causal,pad", [(False, False), (True, False), (True, True)])
+def test_scale_is_the_softmax_temperature(causal, pad):
+    """scale=s is softmax(s q.k): the same as the default 1/sqrt(D) applied to q rescaled by s*sqrt(D)."""
+    q, k, v = rand(3, 2, 6, 8, seed=13), rand(3, 2, 6, 8, seed=14), rand(3, 2, 6, 8, seed=15)
+    kpm = padding(3, 6) if pad else None
+    for scale in (0.05, 2.0):
+        want = loop_attention(q * scale * math.sqrt(8), k, v, causal, kpm)
+        for impl in ("reference", "sdpa"):
+            assert (A.attention(q, k, v, causal, kpm, scale=scale, impl=impl) - want).abs().max() < 1e-5, impl
+
+
 def test_bottom_right_causal_is_the_kv_cache_mask():
     # Attending with the last Tq queries against all Tk keys must equal the last Tq rows of full
     # causal attention: exactly what a KV cache computes.
@@ -283,6 +294,21 @@ def test_gpu_deterministic(shape, dtype):
     first = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
     second = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_model_strides_give_the_same_result(dtype):
+    """The models pass q, k, v as (B, T, H, D) views transposed to (B, H, T, D), k and v interleaved in
+    one fused projection: the kernel reads those strides and computes the same numbers bit for bit."""
+    B, T, H, D = 2, 150, 3, 64
+    qkv = rand(B, T, 3, H, D, device="cuda", seed=5).to(dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D), not contiguous
+    do = rand(B, T, H, D, device="cuda", seed=6).to(dtype).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, do))
+    strided = grads_of(lambda *a: A.flash_attention(*a, causal=True), q, k, v, do)
+    dense = grads_of(lambda *a: A.flash_attention(*a, causal=True), *(t.contiguous() for t in (q, k, v, do)))
+    assert all(torch.equal(a, b) for a, b in zip(strided, dense))
 
 
 @cuda
