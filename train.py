@@ -192,13 +192,18 @@ def parse_config(argv=None):
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     cfg = dataclasses.replace(TrainConfig(), **{**PRESETS[args.preset], **given})
-    check_config(cfg)
+    if not cfg.resume:  # a resumed run is checked once its saved config is read (the preset's --data is '')
+        check_config(cfg)
     return cfg, given
 
 
+def bad_flag(cfg, flag, why):
+    raise SystemExit(f"train.py: error: --{flag}={getattr(cfg, flag)!r}: {why}")
+
+
 def check_config(cfg):
-    def bad(flag, why):
-        raise SystemExit(f"train.py: error: --{flag}={getattr(cfg, flag)!r}: {why}")
+    """Every flag's value, before any work."""
+    bad = functools.partial(bad_flag, cfg)
     if not cfg.data:
         bad("data", f"give the training data; formats:\n{data.DATA_FORMATS}")
     if not cfg.lm:
@@ -248,6 +253,34 @@ def check_config(cfg):
         bad("image_size", "the shapes data needs images of at least 8 pixels")
     if cfg.vit == "tiny" and cfg.image_size < cfg.vit_patch:
         bad("image_size", f"the tiny ViT needs images of at least one patch (--vit_patch={cfg.vit_patch})")
+    if cfg.lm == "tiny" and cfg.lm_embd % cfg.lm_heads:
+        bad("lm_embd", f"must be a multiple of --lm_heads={cfg.lm_heads}")
+    if cfg.vit == "tiny" and cfg.vit_width % cfg.vit_heads:
+        bad("vit_width", f"must be a multiple of --vit_heads={cfg.vit_heads}")
+    if cfg.lm_type not in ("gptj", "gpt2"):
+        bad("lm_type", "choose gptj or gpt2")
+    if cfg.batch_size % cfg.grad_accum:
+        bad("batch_size", f"must be a multiple of --grad_accum={cfg.grad_accum}")
+    for flag, field, value in [("adapter_kind", "kind", cfg.adapter_kind),
+                               ("adapter_places", "places", tuple(cfg.adapter_places.split(","))),
+                               ("adapter_downsample", "downsample", cfg.adapter_downsample)]:
+        try:
+            AdapterConfig(**{field: value})
+        except (TypeError, ValueError) as e:  # "AdapterConfig.kind: unknown adapter kind ..."
+            bad(flag, str(e).split(": ", 1)[-1])
+    if cfg.lm == "tiny" and cfg.lm_embd // cfg.adapter_downsample < 1:
+        bad("adapter_downsample", f"leaves no bottleneck of the tiny LM's width --lm_embd={cfg.lm_embd}")
+
+
+def check_paths(cfg):
+    """A new run's --lm / --vit / --tokenizer exist: a typo found now, not after the data, the BPE and
+    stage 1. (A resumed run's base weights may have moved: Magma.load says how to point at them.)"""
+    if cfg.lm != "tiny" and not os.path.isdir(cfg.lm):
+        bad_flag(cfg, "lm", "no such folder (a Hugging Face GPT directory, or 'tiny')")
+    if cfg.vit != "tiny" and cfg.vit not in VIT_PRESETS and not os.path.exists(cfg.vit):
+        bad_flag(cfg, "vit", f"no such file or folder (a CLIP checkpoint, 'tiny' or a preset: {', '.join(VIT_PRESETS)})")
+    if cfg.tokenizer not in ("", "bpe", "byte") and not os.path.isdir(cfg.tokenizer):
+        bad_flag(cfg, "tokenizer", "no such folder (a GPT-2 tokenizer directory, 'bpe' or 'byte')")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,31 +668,38 @@ class Logger:
 
     def __init__(self, dist, path):
         self.dist, self.path = dist, path
+        self.kept = None  # after start(): the old lines to keep, written with the first new record
 
     def log(self, record):
-        if self.dist.main:
+        if not self.dist.main:
+            return
+        line = json.dumps(record) + "\n"
+        if self.kept is None:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
+            return
+        tmp = self.path + ".tmp"  # the first record: the log becomes the kept lines and it, in one rename
+        with open(tmp, "w") as f:
+            f.writelines(self.kept + [line])
+        os.replace(tmp, self.path)
+        self.kept = None
 
     def start(self, resume_step=None):
         """A new run starts an empty log. A resumed one keeps the records up to its checkpoint and drops
-        the stage-2 and eval records of the steps after it: those steps run again and log again."""
-        if not self.dist.main or not os.path.exists(self.path):
+        the stage-2 and eval records of the steps after it: those steps run again and log again. The file
+        is rewritten only with the run's first record, so a run that fails before it (a mistyped --lm,
+        say) leaves the old log as it was."""
+        self.kept = []
+        if not self.dist.main or resume_step is None or not os.path.exists(self.path):
             return
-        kept = []
-        if resume_step is not None:
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:  # a line cut short by the crash
-                        continue
-                    if r.get("stage") not in ("stage 2: magma", "eval") or r.get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short by the crash
+                    continue
+                if r.get("stage") not in ("stage 2: magma", "eval") or r.get("step", 0) <= resume_step:
+                    self.kept.append(line if line.endswith("\n") else line + "\n")
 
     def print(self, *text):
         if self.dist.main:
@@ -913,6 +953,7 @@ def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
 def main(argv=None):
     cfg, given = parse_config(argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    RUN.update(ckpt=ckpt_path, started=time.time(), resume=cfg.resume)
     resume = saved_file = None
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
@@ -938,6 +979,8 @@ def main(argv=None):
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         raise SystemExit(f"train.py: error: {ckpt_path} holds a run already: continue it with --resume, start "
                          f"over with --overwrite, or pick another --out_dir")
+    else:
+        check_paths(cfg)
     dist = setup(cfg)
     frozen_lm_dtype(cfg, dist.device)  # --lm_dtype checked against --precision before any work
     random.seed(cfg.seed)
@@ -1040,6 +1083,18 @@ def main(argv=None):
     return record
 
 
+RUN = {}  # this process's run, for the message after Ctrl-C: its checkpoint path, start time, --resume
+
+
+def interrupted_line():
+    """What to do after Ctrl-C: resume from this run's checkpoint if it wrote one (or resumed one)."""
+    path = RUN.get("ckpt")
+    if path and os.path.isfile(path) and (RUN["resume"] or os.path.getmtime(path) >= RUN["started"]):
+        return f"train.py: interrupted; continue from the last checkpoint with --resume --out_dir={os.path.dirname(path) or '.'}"
+    return ("train.py: interrupted before this run wrote a checkpoint (stage 2 writes one every --save_every "
+            "steps): nothing to resume; run it again")
+
+
 def error_line(e):
     """The message of a user-facing error. Raised in a DataLoader worker, it comes back with the
     worker's traceback in its text, whose last line is the original exception and message."""
@@ -1055,6 +1110,5 @@ if __name__ == "__main__":
     except (data.ImageError, OSError, ValueError) as e:  # a user's bad path, file or value: one line
         sys.exit(f"train.py: error: {error_line(e)}")
     except KeyboardInterrupt:  # checkpoints are written by rename, so the last one is whole
-        print("\ntrain.py: interrupted; a checkpoint is only ever replaced whole: continue from the last one "
-              "with --resume", file=sys.stderr)
+        print("\n" + interrupted_line(), file=sys.stderr)
         sys.exit(130)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -70,12 +71,27 @@ def test_presets_and_overrides():
             train.parse_config([flag])
     with pytest.raises(SystemExit, match="one patch"):
         train.parse_config(["--image_size=16", "--vit_patch=24", "--data=x.jsonl"])
+    with pytest.raises(SystemExit, match="--batch_size=63: must be a multiple of --grad_accum=2"):
+        train.parse_config(["--batch_size=63", "--grad_accum=2"])
+
+
+def test_a_mistyped_path_is_refused_before_any_work(tmp_path, capsys):
+    for flag, message in [("--lm", "no such folder"), ("--vit", "no such file or folder"),
+                          ("--tokenizer", "no such folder")]:
+        argv = ["--preset=gpt2-clip", f"--out_dir={tmp_path / 'run'}", f"--data={tmp_path / 'd.jsonl'}",
+                "--lm=" + str(tmp_path),
+                "--vit=ViT-B/16", f"{flag}={tmp_path / 'typo'}"]
+        with pytest.raises(SystemExit, match=f"{flag}=.*typo.*{message}"):
+            train.main(argv)
+    assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()  # nothing ran, nothing written
 
 
 @pytest.mark.parametrize("flag", ["--lr=nan", "--lr=-1", "--vit_lr=inf", "--lm_lr=nan", "--weight_decay=-1",
                                   "--grad_clip=nan", "--beta1=1.5", "--beta2=nan", "--prefix_dropout=1",
                                   "--min_lr_ratio=nan", "--qa_fraction=2", "--seed=-1", "--max_objects=0",
-                                  "--max_objects=10", "--val_data=val.jsonl", "--out_dir="])
+                                  "--max_objects=10", "--val_data=val.jsonl", "--out_dir=", "--lm_embd=30",
+                                  "--vit_width=90", "--lm_type=llama", "--adapter_kind=foo",
+                                  "--adapter_places=mlp,ffn", "--adapter_downsample=1000"])
 def test_bad_values_are_refused_up_front_naming_the_flag(flag):
     with pytest.raises(SystemExit, match=f"train.py: error: {flag.split('=')[0]}="):
         train.parse_config([flag])
@@ -94,6 +110,18 @@ class _Unreadable(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         raise data.ImageError("image not found: gone.png")
+
+
+def test_after_ctrl_c_resume_is_offered_only_when_this_run_has_a_checkpoint(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    monkeypatch.setattr(train, "RUN", dict(ckpt=str(ckpt), started=time.time(), resume=False))
+    assert "nothing to resume" in train.interrupted_line()  # stopped before the first --save_every
+    ckpt.write_bytes(b"checkpoint")
+    assert train.interrupted_line().endswith(f"continue from the last checkpoint with --resume --out_dir={tmp_path}")
+    monkeypatch.setitem(train.RUN, "started", time.time() + 60)  # a file from an earlier run (--overwrite)
+    assert "nothing to resume" in train.interrupted_line()
+    monkeypatch.setitem(train.RUN, "resume", True)  # ... unless this run resumed it
+    assert "--resume" in train.interrupted_line()
 
 
 def test_an_error_in_a_dataloader_worker_is_reported_in_one_line():
@@ -210,6 +238,9 @@ def test_resume_continues_the_same_run(tmp_path):
         train.main(args(tmp_path / "split", **common))
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         train.main(args(tmp_path / "split", overwrite=True, data=str(tmp_path / "nope.jsonl")))
+    (tmp_path / "empty").mkdir()  # a folder, but no model in it: found only after the log was started
+    with pytest.raises(OSError, match="empty"):
+        train.main(args(tmp_path / "split", overwrite=True, lm=str(tmp_path / "empty"), tokenizer=""))
     assert state(tmp_path / "split")["train"]["step"] == saved
     assert (tmp_path / "split" / "log.jsonl").read_text() == logged
     train.main(args(tmp_path / "split", overwrite=True, **dict(common, steps=1)))
@@ -326,7 +357,7 @@ def test_public_checkpoints_and_a_file_dataset(tmp_path, capsys):
     os.rename(lm_dir, tmp_path / "moved")
     with pytest.raises(ValueError, match="could not load the base LM"):
         train.main([f"--out_dir={out}", "--resume", "--steps=4"])
-    train.main([f"--out_dir={out}", "--resume", "--steps=4", f"--lm={tmp_path / 'moved'}"])
+    train.main(["--preset=gpt2-clip", f"--out_dir={out}", "--resume", "--steps=4", f"--lm={tmp_path / 'moved'}"])
     assert [r["step"] for r in log(out)] == [1, 2, 3, 4] and state(out)["train"]["step"] == 4
     assert json.loads(state(out)["config"])["lm"] == str(tmp_path / "moved")  # the next resume needs no --lm
 
