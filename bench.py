@@ -952,51 +952,62 @@ def run_all(args):
                          f"{args.json_dir}")
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help adds "(default: ...)" to every option that has a value by default."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, tuple) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Measured speed of this codebase's pieces.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("attention", help="fused Triton attention vs SDPA backends vs the reference")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_parser = lambda name, **kw: sub.add_parser(name, formatter_class=ShowDefaults, **kw)  # noqa: E731
+    p = add_parser("attention", help="fused Triton attention vs SDPA backends vs the reference")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of q, k and v")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run tiny shapes on the CPU (even where a GPU is) to check that the script works")
     p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
                    + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
-    p.add_argument("--warmup", type=nonnegative_int, default=10)
-    p.add_argument("--iters", type=positive_int, default=50)
+    p.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed iterations first")
+    p.add_argument("--iters", type=positive_int, default=50, help="timed iterations")
     p.set_defaults(func=bench_attention)
 
     smoke_help = "tiny models on the CPU (even where a GPU is), a couple of steps, to check that the script works"
     variants_help = "comma-separated subset of the rows: {} (default: all)"
-    p = sub.add_parser("train", help="MAGMA training step (GPT-2 124M + adapters, ViT-B/16): ours vs transformers")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p = add_parser("train", help="MAGMA training step (GPT-2 124M + adapters, ViT-B/16): ours vs transformers")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per training step")
     p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 197 image tokens")
     p.add_argument("--variants", help=variants_help.format(",".join(TRAIN_VARIANTS)))
-    p.add_argument("--warmup", type=nonnegative_int, default=5)
-    p.add_argument("--iters", type=positive_int, default=20)
+    p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed iterations first")
+    p.add_argument("--iters", type=positive_int, default=20, help="timed iterations")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_train)
-    p = sub.add_parser("generate", help="greedy decoding after an image and a prompt: ours vs transformers' generate")
+    p = add_parser("generate", help="greedy decoding after an image and a prompt: ours vs transformers' generate")
     p.add_argument("--batch-sizes", type=positive_ints, default=(1, 32), help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per sequence")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens after the image")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both whole models")
     p.add_argument("--variants", help=variants_help.format(",".join(GENERATE_VARIANTS)))
-    p.add_argument("--warmup", type=nonnegative_int, default=1)
-    p.add_argument("--iters", type=positive_int, default=5)
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed iterations first")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed iterations")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_generate)
-    p = sub.add_parser("big", help="GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14 at the largest batch that fits")
+    p = add_parser("big", help="GPT-J-shaped LM (bf16, frozen, adapters) + ViT-L/14 at the largest batch that fits")
     p.add_argument("--max-batch", type=positive_int, default=1024, help="stop doubling the batch here")
     p.add_argument("--text-len", type=positive_int, default=64, help="text tokens after the 257 image tokens")
-    p.add_argument("--warmup", type=nonnegative_int, default=2)
-    p.add_argument("--iters", type=positive_int, default=5)
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed iterations first")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed iterations")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_big)
-    p = sub.add_parser("all", help="attention, train, generate and big one after another, each in its own "
+    p = add_parser("all", help="attention, train, generate and big one after another, each in its own "
                                    "process (a CUDA error in one cannot spoil the next) with its JSON written "
                                    "as it ends; a failure or timeout in one does not stop the others")
     p.add_argument("--json-dir", default="bench_results", help="folder for attention.json, train.json, ...")

@@ -899,8 +899,8 @@ def main(argv=None):
     parser.add_argument("--prompt", help="text to continue (needs vocab.json+merges.txt or encoder.json+vocab.bpe)")
     parser.add_argument("--ids", help="token ids to continue, e.g. '464 3290' (for directories without a tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate greedily (default 20)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="parameter dtype (default: as stored)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"],
+                        help="parameter dtype, as magma.py spells it or as torch does (default: as stored)")
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' AutoModelForCausalLM and print the max abs logit difference")
     args = parser.parse_args(argv)
@@ -914,7 +914,8 @@ def main(argv=None):
     if args.compare and importlib.util.find_spec("transformers") is None:
         parser.error("--compare needs the transformers package (pip install transformers)")
     try:
-        model = GPT.from_pretrained(args.path, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+        model = GPT.from_pretrained(args.path, dtype=getattr(torch, dtype) if dtype else None)
         tok = _load_tokenizer(args.path)
         if args.prompt is not None:
             if tok is None:

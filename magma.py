@@ -480,6 +480,8 @@ class Magma(nn.Module):
         except (TypeError, ValueError) as e:  # a field this code does not know, or a bad value
             raise ValueError(f"{path}: bad config in checkpoint ({e})") from None
         includes = checkpoint["includes"]
+        recorded = {"lm": config.lm, "vit": config.vit}  # where the base weights were at training time
+        name = {"lm": "LM", "vit": "ViT"}
         # Base weights given as a path now replace the path recorded at training time (they may have
         # moved; the fingerprints below check that they are the same weights), so a checkpoint saved
         # again records where they are. The LM's own tokenizer files move with it.
@@ -500,7 +502,7 @@ class Magma(nn.Module):
             try:
                 return build_from_path(source)
             except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: could not load the base {part.upper()} this checkpoint was trained "
+                raise ValueError(f"{path}: could not load the base {name[part]} this checkpoint was trained "
                                  f"on from {source!r} ({e}); pass {part}=PATH or {part}=model "
                                  f"(--{part} PATH on the command line)") from None
 
@@ -510,11 +512,13 @@ class Magma(nn.Module):
         model = cls(config, lm=lm_model, vit=vit_model, tokenizer=tokenizer)
         for part in ("lm", "vit"):
             if not includes[part] and model.base_fingerprint[part] != checkpoint["fingerprint"][part]:
-                raise ValueError(f"{path}: the base {part.upper()} weights given differ from those this checkpoint "
-                                 f"was trained on (fingerprint {model.base_fingerprint[part][:12]} != "
-                                 f"{checkpoint['fingerprint'][part][:12]}); load the same checkpoint "
-                                 f"({getattr(config, part)!r}) in the same dtype (a path loads in its stored "
-                                 f"dtype; else pass {part}={dict(lm='GPT', vit='ViT')[part]}.from_pretrained(PATH, dtype=...))")
+                given = {"lm": lm, "vit": vit}[part]
+                where = " given" if given is not None and not isinstance(given, str) else f" at {getattr(config, part)!r}"
+                raise ValueError(f"{path}: the base {name[part]} weights{where} differ from those this "
+                                 f"checkpoint was trained on, from {recorded[part]!r} (fingerprint "
+                                 f"{model.base_fingerprint[part][:12]} != {checkpoint['fingerprint'][part][:12]}); "
+                                 f"give the same weights in the same dtype (a path loads in its stored dtype; else "
+                                 f"pass {part}={dict(lm='GPT', vit='ViT')[part]}.from_pretrained(PATH, dtype=...))")
         for part in ("lm", "vit"):  # a part the file holds was fingerprinted as a random skeleton above:
             if includes[part]:      # keep the fingerprint of the weights it was saved from
                 model.base_fingerprint[part] = checkpoint["fingerprint"][part]
@@ -563,13 +567,16 @@ def main(argv=None):
     parser.add_argument("--vit", default=None, help="path of the base ViT, if it moved since training")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="stop after this many tokens, or at EOS (default: 100, or what the LM's context leaves)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = off")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="keep the smallest set of tokens whose probability reaches p; 1.0 = off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a random one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, mps (default here: %(default)s)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="hold the whole model in this dtype (bf16 halves the memory of a large LM)")
+                        help="hold the whole model in this dtype (bf16 halves the memory of a large LM; "
+                             "default: %(default)s)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="record the decode step once as a CUDA graph and replay it per token (GPU only)")
     args = parser.parse_args(argv)
@@ -613,11 +620,14 @@ def main(argv=None):
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
         max_new_tokens = args.max_new_tokens
+        with torch.no_grad():
+            prompt_len = model.embed_batch([example])[0].shape[1]  # image and text positions
+        limit = getattr(model.lm.config, "block_size", None)  # the context Magma.generate keeps to
         if max_new_tokens is None:
-            with torch.no_grad():
-                prompt_len = model.embed_batch([example])[0].shape[1]
-            limit = getattr(model.lm.config, "block_size", None) or prompt_len + 100
-            max_new_tokens = max(1, min(100, limit - prompt_len))
+            max_new_tokens = max(1, min(100, (limit or prompt_len + 100) - prompt_len))
+        elif limit and prompt_len + max_new_tokens - 1 > limit:  # the last new token is not fed back
+            raise ValueError(f"--max-new-tokens={max_new_tokens}: the prompt fills {prompt_len} of the LM's {limit} "
+                             f"positions, which leaves room for at most {limit - prompt_len + 1} new tokens")
         text = model.generate([example], max_new_tokens=max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, generator=generator, cuda_graph=args.cuda_graph)[0]
     except (OSError, ValueError, ImageError) as e:

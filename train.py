@@ -78,7 +78,8 @@ class TrainConfig:
     lm_layers: int = opt(2, "tiny GPT: layers")
     lm_embd: int = opt(128, "tiny GPT: width")
     lm_heads: int = opt(4, "tiny GPT: attention heads")
-    vit: str = opt("tiny", "'tiny', a CLIP preset name (random init) or a CLIP checkpoint path")
+    vit: str = opt("tiny", f"'tiny', a CLIP preset name (random init: {', '.join(VIT_PRESETS)}) or a CLIP "
+                           "checkpoint path")
     vit_patch: int = opt(24, "tiny ViT: patch size (shapes: 24 of 48 px, one patch per quadrant)")
     vit_width: int = opt(96, "tiny ViT: width")
     vit_layers: int = opt(2, "tiny ViT: layers")
@@ -183,7 +184,7 @@ def build_parser():
                                 help=f"{f.metadata['help']} (default: {f.default})")
         else:
             parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                help=f"{f.metadata['help']} (default: {f.default})")
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
     return parser
 
 
@@ -960,9 +961,12 @@ def main(argv=None):
             raise SystemExit(f"train.py: error: --resume: no checkpoint at {ckpt_path}")
         try:
             saved_file = read_magma_checkpoint(ckpt_path)  # read once: the model below comes from it too
-            resume = saved_file["train"]
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"train.py: error: --resume: {ckpt_path} is not a train.py checkpoint ({e})")
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: --resume: {e}")
+        if "train" not in saved_file:
+            raise SystemExit(f"train.py: error: --resume: {ckpt_path} holds a model but no training state "
+                             f"(written by Magma.save, not train.py): nothing to continue")
+        resume = saved_file["train"]
         # The same run: its saved config, with what this command line changes (e.g. more --steps).
         given = {k: v for k, v in given.items() if k != "resume"}
         saved = TrainConfig(**json.loads(resume["config"]))

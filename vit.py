@@ -478,16 +478,15 @@ def main(argv=None):
     try:
         from PIL import Image
 
-        from data import clip_preprocess
+        from data import ImageError, clip_preprocess, load_image
         if args.image is None:
             image = Image.merge("RGB", [Image.linear_gradient("L"), Image.linear_gradient("L").rotate(90),
                                         Image.new("L", (256, 256), 128)])
         else:  # read before the (slower) checkpoint, so a wrong image path fails at once
             try:
-                image = Image.open(args.image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read image {args.image}: {e}") from None
+                image = load_image(args.image)  # any unreadable file (corrupt, truncated, too large) in one line
+            except ImageError as e:
+                raise ValueError(str(e)) from None
         model = ViT.from_pretrained(args.path)
         print(f"config: {asdict(model.config)}")
         print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")

@@ -472,6 +472,9 @@ def test_command_line(checkpoint, capsys):
     assert n_params == sum(p.numel() for p in GPT.from_pretrained(d).parameters())
     assert len(re.search(r"greedy ids: \[(.*)\]", out).group(1).split(",")) == 6
     assert float(re.search(r"max abs logit difference vs transformers .*: (\S+)", out).group(1)) <= 1e-4
+    for spelling in ("bf16", "bfloat16"):  # magma.py's and torch's names
+        assert gpt.main([d, "--ids", "5 17", "--max-new-tokens", "2", "--dtype", spelling]) == 0
+        assert "dtype: torch.bfloat16" in capsys.readouterr().out
     assert gpt.main([d, "--prompt", "hello"]) == 1  # a directory without vocabulary files
     assert "no tokenizer files" in capsys.readouterr().err
     # user errors: one line on stderr naming the thing, exit status 1, no traceback

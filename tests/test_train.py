@@ -225,6 +225,12 @@ def test_resume_continues_the_same_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([f"--out_dir={tmp_path / 'nothing'}", "--resume"])
+    magma.Magma().save(str(tmp_path / "model" / "ckpt.pt"))
+    with pytest.raises(SystemExit, match="holds a model but no training state \\(written by Magma.save"):
+        train.main([f"--out_dir={tmp_path / 'model'}", "--resume"])
+    (tmp_path / "model" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="--resume: .*ckpt.pt: not a readable MAGMA checkpoint"):
+        train.main([f"--out_dir={tmp_path / 'model'}", "--resume"])
     # What a checkpoint's optimizer state or model fixes cannot change on resume, a finished run has
     # nothing to resume, and a run is never overwritten unasked, nor its log by a command that fails.
     with pytest.raises(SystemExit, match="--lr cannot change from 0.002"):

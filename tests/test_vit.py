@@ -310,6 +310,13 @@ def test_cli_compare(hf_clip, openai_clip, which, capsys, tmp_path):
     assert "parameters:" in out and "image embedding: (16,)" in out
     diffs = [float(line.rsplit(":", 1)[1]) for line in out.splitlines() if line.startswith("max abs diff")]
     assert len(diffs) == 2 and max(diffs) <= TOL, out
+    Image.new("L", (64, 64)).save(tmp_path / "huge.png")
+    Image.MAX_IMAGE_PIXELS, saved = 100, Image.MAX_IMAGE_PIXELS  # as if huge.png were a decompression bomb
+    try:
+        with pytest.raises(SystemExit, match="huge.png: DecompressionBombError"):
+            vit.main([path, "--image", str(tmp_path / "huge.png")])
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     for argv, name in [([path + "/nowhere"], "nowhere"), ([path, "--image", str(tmp_path / "no.jpg")], "no.jpg")]:
         with pytest.raises(SystemExit, match=name) as exit_info:
             vit.main(argv)
