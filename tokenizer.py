@@ -20,7 +20,7 @@ caption that happens to contain it must not end a sequence), like tiktoken's `en
 Pass allowed_special="all", or a set of names, to have those strings become their single id.
 `decode` writes special tokens out as their text, or drops them with skip_special=True.
 
-    python tokenizer.py PATH --text "Hello world"     # ids and pieces (PATH: directory or "bytes")
+    python tokenizer.py PATH --text "Hello world"     # ids and pieces (PATH: directory or "byte")
 """
 
 import argparse
@@ -477,7 +477,7 @@ if __name__ == "__main__":
         description="Encode text with a GPT-2 tokenizer directory (or the byte tokenizer) and show the pieces."
     )
     parser.add_argument(
-        "path", help='tokenizer directory (vocab.json + merges.txt or encoder.json + vocab.bpe), or "bytes"'
+        "path", help='tokenizer directory (vocab.json + merges.txt or encoder.json + vocab.bpe), or "byte"'
     )
     parser.add_argument("--text", default="Hello world, don't panic! ½ ² 👋🏽", help="text to encode")
     parser.add_argument(
@@ -485,9 +485,9 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     try:
-        tok = ByteTokenizer() if args.path == "bytes" else Tokenizer.from_pretrained(args.path)
+        tok = ByteTokenizer() if args.path in ("byte", "bytes") else Tokenizer.from_pretrained(args.path)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"tokenizer.py: error: {e}")
     ids = tok.encode(args.text, allowed_special="all" if args.allow_special else ())
     print(f"vocab_size {tok.vocab_size}, eos_id {tok.eos_id}, {len(ids)} tokens")
     print(ids)

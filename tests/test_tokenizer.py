@@ -13,6 +13,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import unicodedata
 
 import numpy as np
@@ -404,3 +406,15 @@ def test_same_interface(tok):
         ids = t.encode("same interface <|endoftext|>", allowed_special="all")
         assert ids[-1] == t.eos_id and all(0 <= i < t.vocab_size for i in ids)
         assert t.decode(ids, skip_special=True) == "same interface "
+
+
+def test_command_line(data_dir, tmp_path):
+    """`python tokenizer.py PATH --text ...`: the ids and pieces, or one error line naming the path."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizer.py")
+    run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+    out = run(data_dir, "--text", "Hello world")
+    assert out.returncode == 0 and out.stdout.splitlines()[1:] == ["[15496, 995]", "['Hello', ' world']"], out
+    assert run("byte", "--text", "hi").stdout.splitlines()[1] == "[104, 105]"
+    out = run(str(tmp_path / "nowhere"))
+    assert out.returncode == 1 and out.stderr.startswith("tokenizer.py: error: ") and out.stderr.count("\n") == 1
+    assert "nowhere" in out.stderr and "Traceback" not in out.stderr
