@@ -252,6 +252,20 @@ GPU_SHAPES = [  # B, H, Tq, Tk, D, causal, padded
 ]
 
 
+def gpu_inputs(shape, dtype):
+    """q, k, v, dO of a GPU_SHAPES row on the GPU, and its key padding mask: batch 0 left-padded by a
+    third, the last batch row with no key at all (None when the row is not padded)."""
+    B, H, Tq, Tk, D, causal, padded = shape
+    q, k, v = (rand(B, H, T, D, device="cuda", seed=s).to(dtype) for s, T in ((1, Tq), (2, Tk), (3, Tk)))
+    do = rand(B, H, Tq, D, device="cuda", seed=4).to(dtype)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, Tk, dtype=torch.bool, device="cuda")
+        kpm[0, :Tk // 3] = False
+        kpm[-1, :] = False
+    return q, k, v, do, kpm
+
+
 def grads_of(fn, q, k, v, do):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
@@ -262,14 +276,8 @@ def grads_of(fn, q, k, v, do):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_low_precision_within_twice_torch_error(shape, dtype):
-    B, H, Tq, Tk, D, causal, padded = shape
-    q, k, v = (rand(B, H, T, D, device="cuda", seed=s).to(dtype) for s, T in ((1, Tq), (2, Tk), (3, Tk)))
-    do = rand(B, H, Tq, D, device="cuda", seed=4).to(dtype)
-    kpm = None
-    if padded:
-        kpm = torch.ones(B, Tk, dtype=torch.bool, device="cuda")
-        kpm[0, :Tk // 3] = False
-        kpm[-1, :] = False
+    causal = shape[5]
+    q, k, v, do, kpm = gpu_inputs(shape, dtype)
     f32 = [t.float() for t in (q, k, v)]
     want = grads_of(lambda *a: A.attention_reference(*a, causal, kpm), *f32, do.float())
     ours = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
@@ -284,13 +292,8 @@ def test_gpu_low_precision_within_twice_torch_error(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [GPU_SHAPES[1], GPU_SHAPES[2]])
 def test_gpu_deterministic(shape, dtype):
-    B, H, Tq, Tk, D, causal, padded = shape
-    q, k, v = (rand(B, H, T, D, device="cuda", seed=s).to(dtype) for s, T in ((1, Tq), (2, Tk), (3, Tk)))
-    do = rand(B, H, Tq, D, device="cuda", seed=4).to(dtype)
-    kpm = None
-    if padded:
-        kpm = torch.ones(B, Tk, dtype=torch.bool, device="cuda")
-        kpm[0, :Tk // 3] = False
+    causal = shape[5]
+    q, k, v, do, kpm = gpu_inputs(shape, dtype)
     first = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
     second = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
