@@ -94,14 +94,14 @@ def time_ms(fn, warmup, iters, cuda):
     return statistics.median(times)
 
 
-def environment():
-    """What the numbers were measured on."""
+def environment(cpu_smoke=False):
+    """What the numbers were measured on (--cpu-smoke: the CPU, also on a machine with a GPU)."""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not cpu_smoke
     return {
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
@@ -1029,13 +1029,13 @@ def main(argv=None):
 
     interrupted = False
     try:
-        payload = {"environment": environment(), **args.func(args)}
+        payload = {"environment": environment(args.cpu_smoke), **args.func(args)}
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: keeping the rows measured so far", file=sys.stderr, flush=True)
         if _FINISH is not None:
             _FINISH(_ROWS)
-        payload = {"environment": environment(), "benchmark": args.command, **_HEADER, "interrupted": True,
+        payload = {"environment": environment(args.cpu_smoke), "benchmark": args.command, **_HEADER, "interrupted": True,
                    "columns": _HEADER.get("columns") or list(dict.fromkeys(k for r in _ROWS for k in r)),
                    "rows": _ROWS}
     env = payload["environment"]
