@@ -609,13 +609,12 @@ def main(argv=None):
         example = [load_image(value) if kind == "image" else value for kind, value in args.items]
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         checkpoint = read_magma_checkpoint(args.checkpoint)
-        saved = json.loads(checkpoint["config"])
+        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit, checkpoint=checkpoint).to(device, dtype)
         for part, given in (("lm", args.lm), ("vit", args.vit)):
             if given is not None and checkpoint["includes"][part]:  # say so, rather than ignore it silently
-                used = part == "lm" and saved["tokenizer"] == saved["lm"]  # the LM's folder holds the tokenizer
+                used = part == "lm" and model.config.tokenizer == given  # the LM's folder holds its tokenizer
                 print(f"magma.py: note: the checkpoint holds the {dict(lm='LM', vit='ViT')[part]}'s weights; --{part} "
                       + ("only locates its tokenizer" if used else "is not used"), file=sys.stderr)
-        model = Magma.load(args.checkpoint, lm=args.lm, vit=args.vit, checkpoint=checkpoint).to(device, dtype)
         generator = None
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -625,7 +624,9 @@ def main(argv=None):
         limit = getattr(model.lm.config, "block_size", None)  # the context Magma.generate keeps to
         if max_new_tokens is None:
             max_new_tokens = max(1, min(100, (limit or prompt_len + 100) - prompt_len))
-        elif limit and prompt_len + max_new_tokens - 1 > limit:  # the last new token is not fed back
+        if limit and prompt_len > limit:
+            raise ValueError(f"the prompt (images and text) takes {prompt_len} positions; the LM has {limit}")
+        if limit and prompt_len + max_new_tokens - 1 > limit:  # the last new token is not fed back
             raise ValueError(f"--max-new-tokens={max_new_tokens}: the prompt fills {prompt_len} of the LM's {limit} "
                              f"positions, which leaves room for at most {limit - prompt_len + 1} new tokens")
         text = model.generate([example], max_new_tokens=max_new_tokens, temperature=args.temperature,

@@ -260,15 +260,13 @@ class Tokenizer:
             raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}{found}")
         encoder = _read_json(vocab_file)
         merges = _read_merges(merges_file)
-        _check_vocabulary(encoder, merges, vocab_file, merges_file)
+        added_file = os.path.join(path, "added_tokens.json")
+        added = _read_json(added_file) if os.path.isfile(added_file) else {}
+        _check_vocabulary(encoder, merges, vocab_file, merges_file, specials={EOT, *added})
         if EOT not in encoder:
             raise ValueError(f"{vocab_file} has no {EOT} token (needed as the end-of-text id)")
-        special_tokens = {EOT: encoder[EOT]}
-        added_file = os.path.join(path, "added_tokens.json")
-        if os.path.isfile(added_file):
-            added = _read_json(added_file)
-            _check_added(added, encoder, added_file)
-            special_tokens.update(added)
+        _check_added(added, encoder, added_file)
+        special_tokens = {EOT: encoder[EOT], **added}
         return cls(encoder, merges, special_tokens)
 
     @classmethod
@@ -434,14 +432,14 @@ def _read_merges(file):
     return merges
 
 
-def _check_vocabulary(encoder, merges, vocab_file, merges_file):
+def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,)):
     """Every byte symbol and every merge result must have an id, and every token must be spelled in
     byte symbols, or encoding / decoding would fail later, far from the file."""
     for b, symbol in BYTE_ENCODER.items():
         if symbol not in encoder:
             raise ValueError(f"{vocab_file} has no token for byte {b} (symbol {symbol!r})")
     for token in encoder:
-        if token != EOT and not all(c in BYTE_DECODER for c in token):
+        if token not in specials and not all(c in BYTE_DECODER for c in token):
             raise ValueError(f"{vocab_file}: token {token!r} is not written in GPT-2's byte symbols")
     for rank, (a, b) in enumerate(merges):
         if a + b not in encoder:
@@ -450,8 +448,10 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file):
             )
     # A token longer than one symbol that no merge makes can never be produced: the merges file was
     # cut short, or belongs to another vocabulary (GPT-2: 256 byte symbols + 50,000 merges + <|endoftext|>).
+    # (Special tokens some folders also list in vocab.json, e.g. "<|extratoken_1|>", are not made by merges.)
     made = {a + b for a, b in merges}
-    unmade = [t for t in encoder if t != EOT and len(t) > 1 and t not in made]
+    unmade = [t for t in encoder if len(t) > 1 and t not in made and t not in specials
+              and not (t.startswith("<|") and t.endswith("|>"))]
     if unmade:
         raise ValueError(f"{vocab_file}: {len(unmade)} token(s) that no merge in {merges_file} makes, e.g. "
                          f"{unmade[0]!r} (is {os.path.basename(merges_file)} cut short, or from another vocabulary?)")
@@ -460,14 +460,14 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file):
 def _check_added(added, encoder, added_file):
     """added_tokens.json may name new special tokens, or repeat a vocabulary token with its own id; it may
     not give an id that another token has (decode would write the wrong text) or rename an id."""
+    token_of = {i: t for t, i in encoder.items()}  # ids are unique (_read_json checked)
     for token, i in added.items():
         if not token:
             raise ValueError(f"{added_file}: an added token with an empty name (id {i})")
         if token in encoder and encoder[token] != i:
             raise ValueError(f"{added_file}: {token!r} has id {i}, but {encoder[token]} in the vocabulary")
-        taken = [t for t, j in encoder.items() if j == i and t != token]
-        if taken:
-            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {taken[0]!r}'s")
+        if token_of.get(i, token) != token:
+            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {token_of[i]!r}'s")
 
 
 # -----------------------------------------------------------------------------

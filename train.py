@@ -213,7 +213,7 @@ def check_config(cfg):
         bad("vit", "give 'tiny', a CLIP preset name or a CLIP checkpoint path")
     for name in ("steps", "batch_size", "grad_accum", "max_len", "log_every", "eval_batches", "bpe_merges",
                  "lm_batch_size", "lm_layers", "lm_embd", "lm_heads", "vit_patch", "vit_width", "vit_layers",
-                 "vit_heads", "train_size", "val_size"):
+                 "vit_heads", "train_size", "val_size", "adapter_downsample"):
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
     for name in ("lm_steps", "eval_every", "save_every", "eval_images", "stop_after", "warmup_steps", "num_workers"):
@@ -262,9 +262,10 @@ def check_config(cfg):
         bad("lm_type", "choose gptj or gpt2")
     if cfg.batch_size % cfg.grad_accum:
         bad("batch_size", f"must be a multiple of --grad_accum={cfg.grad_accum}")
+    if cfg.lm == "tiny" and cfg.lm_steps > 0 and cfg.lm_batch_size % cfg.grad_accum:  # stage 1 accumulates too
+        bad("lm_batch_size", f"must be a multiple of --grad_accum={cfg.grad_accum}")
     for flag, field, value in [("adapter_kind", "kind", cfg.adapter_kind),
-                               ("adapter_places", "places", tuple(cfg.adapter_places.split(","))),
-                               ("adapter_downsample", "downsample", cfg.adapter_downsample)]:
+                               ("adapter_places", "places", tuple(cfg.adapter_places.split(",")))]:
         try:
             AdapterConfig(**{field: value})
         except (TypeError, ValueError) as e:  # "AdapterConfig.kind: unknown adapter kind ..."
@@ -277,11 +278,13 @@ def check_paths(cfg):
     """A new run's --lm / --vit / --tokenizer exist: a typo found now, not after the data, the BPE and
     stage 1. (A resumed run's base weights may have moved: Magma.load says how to point at them.)"""
     if cfg.lm != "tiny" and not os.path.isdir(cfg.lm):
-        bad_flag(cfg, "lm", "no such folder (a Hugging Face GPT directory, or 'tiny')")
+        what = "is a file, not a folder" if os.path.exists(cfg.lm) else "no such folder"
+        bad_flag(cfg, "lm", f"{what} (a Hugging Face GPT directory, or 'tiny')")
     if cfg.vit != "tiny" and cfg.vit not in VIT_PRESETS and not os.path.exists(cfg.vit):
         bad_flag(cfg, "vit", f"no such file or folder (a CLIP checkpoint, 'tiny' or a preset: {', '.join(VIT_PRESETS)})")
     if cfg.tokenizer not in ("", "bpe", "byte") and not os.path.isdir(cfg.tokenizer):
-        bad_flag(cfg, "tokenizer", "no such folder (a GPT-2 tokenizer directory, 'bpe' or 'byte')")
+        what = "is a file, not a folder" if os.path.exists(cfg.tokenizer) else "no such folder"
+        bad_flag(cfg, "tokenizer", f"{what} (a GPT-2 tokenizer directory, 'bpe' or 'byte')")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -672,24 +675,25 @@ class Logger:
         self.kept = None  # after start(): the old lines to keep, written with the first new record
 
     def log(self, record):
-        if not self.dist.main:
-            return
-        line = json.dumps(record) + "\n"
-        if self.kept is None:
+        if self.dist.main:
+            self.begin()
             with open(self.path, "a") as f:
-                f.write(line)
-            return
-        tmp = self.path + ".tmp"  # the first record: the log becomes the kept lines and it, in one rename
-        with open(tmp, "w") as f:
-            f.writelines(self.kept + [line])
-        os.replace(tmp, self.path)
-        self.kept = None
+                f.write(json.dumps(record) + "\n")
+
+    def begin(self):
+        """Replace the log by the lines start() kept (once; with the first record or checkpoint)."""
+        if self.dist.main and self.kept is not None:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(self.kept)
+            os.replace(tmp, self.path)
+            self.kept = None
 
     def start(self, resume_step=None):
         """A new run starts an empty log. A resumed one keeps the records up to its checkpoint and drops
         the stage-2 and eval records of the steps after it: those steps run again and log again. The file
-        is rewritten only with the run's first record, so a run that fails before it (a mistyped --lm,
-        say) leaves the old log as it was."""
+        is rewritten only at the run's first record or checkpoint (begin), so a run that fails before
+        either (a model folder without a model in it, say) leaves the old log as it was."""
         self.kept = []
         if not self.dist.main or resume_step is None or not os.path.exists(self.path):
             return
@@ -954,7 +958,7 @@ def pretrain_lm(lm, train_set, tokenizer, cfg, dist, logger):
 def main(argv=None):
     cfg, given = parse_config(argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    RUN.update(ckpt=ckpt_path, started=time.time(), resume=cfg.resume)
+    RUN.update(ckpt=ckpt_path, saved=cfg.resume)  # a resumed run has a checkpoint to go back to
     resume = saved_file = None
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
@@ -1054,11 +1058,13 @@ def main(argv=None):
                 rngs = [None] * dist.world
                 torch_dist.all_gather_object(rngs, rng_state(dist.device))
             if dist.main:
+                logger.begin()  # the log's old lines go now, not at a resume after Ctrl-C (see Logger.start)
                 save_checkpoint(ckpt_path, model, {
                     "step": step, "optimizer": state["optimizer"].state_dict(),
                     "scheduler": state["scheduler"].state_dict(), "scaler": state["scaler"].state_dict(),
                     "rng": rngs, "skipped": state["skipped"], "world": dist.world,
                     "config": json.dumps(dataclasses.asdict(cfg))})
+                RUN["saved"] = True
             dist.barrier()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             if dist.main:
@@ -1087,13 +1093,13 @@ def main(argv=None):
     return record
 
 
-RUN = {}  # this process's run, for the message after Ctrl-C: its checkpoint path, start time, --resume
+RUN = {}  # this process's run, for the message after Ctrl-C: its checkpoint path, whether it has one
 
 
 def interrupted_line():
     """What to do after Ctrl-C: resume from this run's checkpoint if it wrote one (or resumed one)."""
     path = RUN.get("ckpt")
-    if path and os.path.isfile(path) and (RUN["resume"] or os.path.getmtime(path) >= RUN["started"]):
+    if path and RUN.get("saved") and os.path.isfile(path):
         return f"train.py: interrupted; continue from the last checkpoint with --resume --out_dir={os.path.dirname(path) or '.'}"
     return ("train.py: interrupted before this run wrote a checkpoint (stage 2 writes one every --save_every "
             "steps): nothing to resume; run it again")

@@ -249,3 +249,12 @@ def test_an_interrupted_benchmark_keeps_the_rows_it_measured(tmp_path, monkeypat
     # the header known before the first row, and the ratios of the rows measured, are kept too
     assert payload["shape"]["new_tokens"] == 8 and payload["columns"][:2] == ["batch", "variant"]
     assert rows[1]["x_vs_tf"] > 0 and "x_vs_tf" not in rows[3]
+
+
+def test_environment_names_the_device_the_rows_ran_on(monkeypatch):
+    """A --cpu-smoke run on a machine with a GPU ran on the CPU, and its JSON must say so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert bench.environment()["device"] == "NVIDIA H200"
+    smoke = bench.environment(cpu_smoke=True)
+    assert smoke["device"].startswith("CPU") and smoke["cuda"] is None

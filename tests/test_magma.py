@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -413,11 +414,11 @@ def test_save_load_onto_public_checkpoints(tmp_path):
     same_outputs(model, Magma.load(path, lm=GPT.from_pretrained(lm_dir)))
 
     other = write_hf_gpt2(tmp_path / "other", seed=3)
-    with pytest.raises(ValueError, match=f"LM weights at '{other}' differ .* trained on, from '{lm_dir}'"):
+    with pytest.raises(ValueError, match=f"LM weights at '{re.escape(other)}' differ .* trained on, from '{re.escape(lm_dir)}'"):
         Magma.load(path, lm=other)
-    with pytest.raises(ValueError, match=f"LM weights given differ .* trained on, from '{lm_dir}'"):
+    with pytest.raises(ValueError, match=f"LM weights given differ .* trained on, from '{re.escape(lm_dir)}'"):
         Magma.load(path, lm=GPT.from_pretrained(other))
-    with pytest.raises(ValueError, match=f"ViT weights at '.*other_clip.pt' differ .* trained on, from '{vit_file}'"):
+    with pytest.raises(ValueError, match=f"ViT weights at '.*other_clip.pt' differ .* trained on, from '{re.escape(str(vit_file))}'"):
         Magma.load(path, vit=str(write_openai_vit(tmp_path / "other_clip.pt", seed=4)))
     os.rename(lm_dir, str(tmp_path / "moved"))
     with pytest.raises(ValueError, match=r"base LM .*gpt2.*pass lm="):
@@ -526,6 +527,7 @@ def test_command_line(tmp_path, capsys):
         (["--prompt", "x", "--temperature", "-1"], "--temperature=-1.0"),
         (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens=0"),
         (["--prompt", "x", "--max-new-tokens", "5000"], "--max-new-tokens=5000: the prompt fills"),
+        (["--prompt", "x" * 300], "the prompt (images and text) takes"),
         (["--prompt", "x", "--top-k", "-1"], "--top-k=-1"),
         (["--prompt", "x", "--top-p", "nan"], "--top-p=nan"),
         (["--prompt", "x", "--top-p", "0"], "--top-p=0.0"),

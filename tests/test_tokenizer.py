@@ -286,6 +286,14 @@ def test_added_tokens_json_adds_special_tokens(hf_dir, tmp_path):
     # an added token may repeat a vocabulary entry as it is, never take or change an id
     (d / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": 50256, "<|image|>": 50257}))
     assert Tokenizer.from_pretrained(str(d)).vocab_size == 50258
+    # GPT-J's 143 extra special tokens, in added_tokens.json and also in vocab.json (no merge makes them)
+    extra = {f"<|extratoken_{n}|>": 50256 + n for n in range(1, 144)}
+    vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+    (d / "vocab.json").write_text(json.dumps({**vocab, **extra}), encoding="utf-8")
+    (d / "added_tokens.json").write_text(json.dumps(extra))
+    gptj = Tokenizer.from_pretrained(str(d))
+    assert gptj.vocab_size == 50400 and gptj.encode("a<|extratoken_3|>", allowed_special="all") == [64, 50259]
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     for added, message in [({"<|img|>": 31373}, "id 31373, which is already 'hello''s"),
                            ({"<|endoftext|>": 7}, "'<|endoftext|>' has id 7, but 50256 in the vocabulary"),
                            ({"": 50257}, "empty name")]:
