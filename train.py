@@ -672,7 +672,7 @@ class Logger:
 
     def __init__(self, dist, path):
         self.dist, self.path = dist, path
-        self.kept = None  # after start(): the old lines to keep, written with the first new record
+        self.kept = None  # after start(): the old lines to keep, until begin() writes them
 
     def log(self, record):
         if self.dist.main:
