@@ -1008,8 +1008,8 @@ def main(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
     p.set_defaults(func=bench_big)
     p = add_parser("all", help="attention, train, generate and big one after another, each in its own "
-                                   "process (a CUDA error in one cannot spoil the next) with its JSON written "
-                                   "as it ends; a failure or timeout in one does not stop the others")
+                               "process (a CUDA error in one cannot spoil the next) with its JSON written "
+                               "as it ends; a failure or timeout in one does not stop the others")
     p.add_argument("--json-dir", default="bench_results", help="folder for attention.json, train.json, ...")
     p.add_argument("--quick", action="store_true",
                    help="fewer iterations, generation of 64 tokens, batches up to 64 in big, one compiled "
@@ -1035,7 +1035,8 @@ def main(argv=None):
         print("\ninterrupted: keeping the rows measured so far", file=sys.stderr, flush=True)
         if _FINISH is not None:
             _FINISH(_ROWS)
-        payload = {"environment": environment(args.cpu_smoke), "benchmark": args.command, **_HEADER, "interrupted": True,
+        payload = {"environment": environment(args.cpu_smoke), "benchmark": args.command, **_HEADER,
+                   "interrupted": True,
                    "columns": _HEADER.get("columns") or list(dict.fromkeys(k for r in _ROWS for k in r)),
                    "rows": _ROWS}
     env = payload["environment"]
