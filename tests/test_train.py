@@ -6,6 +6,7 @@ a tmp_path; the figures they compare come from the run's log.jsonl and ckpt.pt.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -264,6 +265,20 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     train.main(args(tmp_path / "ckpt", steps=2, grad_checkpointing=True))
     assert [r["loss"] for r in log(tmp_path / "plain")] == pytest.approx([r["loss"] for r in log(tmp_path / "ckpt")],
                                                                         abs=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
+def test_compile_gives_the_same_run(tmp_path, monkeypatch):
+    """--compile (torch.compile of the model; ~15 s of compiling here) computes the eager run's losses."""
+    train.main(args(tmp_path / "eager", steps=3))
+    compiled_modules, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, *a, **kw: compiled_modules.append(m) or compile(m, *a, **kw))
+    train.main(args(tmp_path / "compiled", steps=3, compile=True))
+    assert len(compiled_modules) == 1 and isinstance(compiled_modules[0], magma.Magma)  # (no stage 1 here)
+    eager, compiled = [r["loss"] for r in log(tmp_path / "eager")], [r["loss"] for r in log(tmp_path / "compiled")]
+    assert compiled == pytest.approx(eager, abs=1e-4)
+    magma.Magma.load(str(tmp_path / "compiled" / "ckpt.pt"))  # the checkpoint holds the model's own names
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
