@@ -433,8 +433,9 @@ def _read_merges(file):
 
 
 def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,)):
-    """Every byte symbol and every merge result must have an id, and every token must be spelled in
-    byte symbols, or encoding / decoding would fail later, far from the file."""
+    """Every byte symbol and every merge result must have an id, every token must be spelled in byte
+    symbols, and every longer token must be made by a merge (specials aside), or encoding / decoding
+    would fail or differ later, far from the file."""
     for b, symbol in BYTE_ENCODER.items():
         if symbol not in encoder:
             raise ValueError(f"{vocab_file} has no token for byte {b} (symbol {symbol!r})")
