@@ -351,19 +351,33 @@ class Magma(nn.Module):
     def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
                      generator=None, cuda_graph=False):
         """Like generate(), but returns the new token ids of each row (without the eos)."""
+        was_training = self.training
+        self.eval()  # the prefix's dropout off while the images are embedded
+        try:
+            x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
+        finally:
+            self.train(was_training)
+        return self.generate_ids_from_embeds(x, mask, max_new_tokens, temperature, top_k, top_p, eos,
+                                             generator, cuda_graph)
+
+    @torch.no_grad()
+    def generate_ids_from_embeds(self, x, mask, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9,
+                                 eos=True, generator=None, cuda_graph=False):
+        """generate_ids() after embed_batch(): x (B, T, C) and its key padding mask (B, T) -> new ids."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        B, T, _ = x.shape
+        if mask is None or tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must be the (B, T) = {(B, T)} key padding mask embed_batch returns")
+        # The last new token is returned, not fed back: T + max_new_tokens - 1 positions are run.
+        limit = getattr(self.lm.config, "block_size", None)
+        if limit is not None and T + max_new_tokens - 1 > limit:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the LM's "
+                             f"block_size {limit}")
+        eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
         was_training = self.training
         self.eval()
         try:
-            x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
-            B, T, _ = x.shape
-            # The last new token is returned, not fed back: T + max_new_tokens - 1 positions are run.
-            limit = getattr(self.lm.config, "block_size", None)
-            if limit is not None and T + max_new_tokens - 1 > limit:
-                raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the LM's "
-                                 f"block_size {limit}")
-            eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
             cache = self.lm.new_cache(B, T + max(max_new_tokens - 1, 0), device=x.device, dtype=x.dtype)
             hidden = self.lm(inputs_embeds=x, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill
             logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
@@ -619,8 +633,10 @@ def main(argv=None):
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
         max_new_tokens = args.max_new_tokens
+        model.eval()
         with torch.no_grad():
-            prompt_len = model.embed_batch([example])[0].shape[1]  # image and text positions
+            x, mask = model.embed_batch([example])  # the ViT runs once, here; generation starts from x
+        prompt_len = x.shape[1]  # image and text positions
         limit = getattr(model.lm.config, "block_size", None)  # the context Magma.generate keeps to
         if max_new_tokens is None:
             max_new_tokens = max(1, min(100, (limit or prompt_len + 100) - prompt_len))
@@ -629,8 +645,10 @@ def main(argv=None):
         if limit and prompt_len + max_new_tokens - 1 > limit:  # the last new token is not fed back
             raise ValueError(f"--max-new-tokens={max_new_tokens}: the prompt fills {prompt_len} of the LM's {limit} "
                              f"positions, which leaves room for at most {limit - prompt_len + 1} new tokens")
-        text = model.generate([example], max_new_tokens=max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, generator=generator, cuda_graph=args.cuda_graph)[0]
+        ids = model.generate_ids_from_embeds(x, mask, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                             top_k=args.top_k, top_p=args.top_p, generator=generator,
+                                             cuda_graph=args.cuda_graph)[0]
+        text = model.tokenizer.decode(ids)
     except (OSError, ValueError, ImageError) as e:
         print(f"magma.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

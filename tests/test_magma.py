@@ -17,7 +17,7 @@ from data import clip_preprocess
 from gpt import GPT, DecodeStep, GPTConfig, sample_next
 from magma import ImagePrefix, Magma, MagmaConfig, main, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
-from vit import OPENAI_NAMES, ViTConfig, rename
+from vit import OPENAI_NAMES, ViT, ViTConfig, rename
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = dict(model_type="gpt2", vocab_size=257, block_size=96, n_layer=2, n_head=2, n_embd=32)
@@ -478,16 +478,21 @@ def test_bad_checkpoint_files_are_named(tmp_path):
         Magma.load(str(tmp_path / "future.pt"))
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
     cli = lambda argv: main(["--device", "cpu", *argv])  # as on a machine without a GPU (a later --device wins)
     ckpt = str(tmp_path / "m.pt")
     model.save(ckpt)
     image = Image.new("RGB", (24, 20), (200, 30, 30))
     image.save(tmp_path / "a.png")
+    vit_calls = []
+    vit_forward = ViT.forward
+    monkeypatch.setattr(ViT, "forward", lambda self, *a: vit_calls.append(1) or vit_forward(self, *a))
     text = cli(["--checkpoint", ckpt, "--image", str(tmp_path / "a.png"), "--prompt", "A picture of",
                 "--temperature", "0", "--max-new-tokens", "5"])
     assert capsys.readouterr().out == text + "\n"
+    assert len(vit_calls) == 1  # the image is encoded once: for the prompt's length and for generation
+    monkeypatch.undo()
     assert text == model.generate([[clip_preprocess(image, 16), "A picture of"]], max_new_tokens=5, temperature=0)[0]
 
     # several images and prompts, interleaved in command-line order
