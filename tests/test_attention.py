@@ -375,8 +375,9 @@ def test_bench_without_gpu(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(A.TRITON_IMPORT_ERROR is not None, reason="needs triton")
-def test_ptxas_check_runs():
+def test_ptxas_check_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TMPDIR=str(tmp_path))  # not ~/.triton, not /tmp
     proc = subprocess.run([sys.executable, os.path.join(TESTS, "attention_ptxas_check.py"), "--head-dims", "64",
                            "--kernels", "decode"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

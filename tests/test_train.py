@@ -186,7 +186,10 @@ def test_tiny_end_to_end(tmp_path, capsys):
 
 
 def _torchrun(out_dir, nproc, **overrides):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # torchrun leaves a torchelastic_* folder in TMPDIR: in the test's own folder, not in /tmp
+    tmp = out_dir.parent / f"tmp-{out_dir.name}"
+    tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py"] + args(out_dir, **overrides)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
