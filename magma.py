@@ -20,6 +20,7 @@ and then samples token by token, each sequence of a batch stopping at its own en
     python magma.py --checkpoint ckpt.pt --image a.jpg --prompt "A picture of"
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -149,6 +150,17 @@ def fingerprint(module):
 
 # ----------------------------------------------------------------------------------------------------
 # The model
+
+
+@contextlib.contextmanager
+def evaluating(module):
+    """Inside the block the module is in eval mode (no dropout); afterwards, in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class ImagePrefix(nn.Module):
@@ -351,12 +363,8 @@ class Magma(nn.Module):
     def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
                      generator=None, cuda_graph=False):
         """Like generate(), but returns the new token ids of each row (without the eos)."""
-        was_training = self.training
-        self.eval()  # the prefix's dropout off while the images are embedded
-        try:
+        with evaluating(self):  # the image prefix's dropout off
             x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
-        finally:
-            self.train(was_training)
         return self.generate_ids_from_embeds(x, mask, max_new_tokens, temperature, top_k, top_p, eos,
                                              generator, cuda_graph)
 
@@ -375,9 +383,7 @@ class Magma(nn.Module):
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the LM's "
                              f"block_size {limit}")
         eos_id = self.tokenizer.eos_id if eos is True else (None if eos is False else int(eos))
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):  # dropout off
             cache = self.lm.new_cache(B, T + max(max_new_tokens - 1, 0), device=x.device, dtype=x.dtype)
             hidden = self.lm(inputs_embeds=x, key_padding_mask=mask, cache=cache, return_hidden=True)  # prefill
             logits = self.lm.lm_head(hidden[:, -1]).float()  # (B, V)
@@ -396,8 +402,6 @@ class Magma(nn.Module):
                 if i < max_new_tokens - 1:
                     logits = step(token[:, None])
             rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
-        finally:
-            self.train(was_training)
         if eos_id is not None:
             rows = [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
         return rows
