@@ -586,7 +586,8 @@ def _decode_merge_kernel(OP, LSEP, O, LSE, stride_ob, stride_oh, stride_od, H, n
 # of shared memory (an H100 block may have 227). Every first entry spills nothing under either
 # version; the others spill at most 96 bytes (the forward's (128, 128, 8, 2) at D = 128 under 3.9),
 # which the autotuner weighs by timing them.
-# The interpreter uses small blocks so that tiny test shapes span several blocks and every loop.
+# The interpreter uses small blocks so that tiny test shapes span several blocks and every loop (and
+# tests/attention_interpret_check.py runs every entry above too, at shapes a few of its blocks long).
 # ------------------------------------------------------------------------------------------------
 
 FWD_CONFIGS = {
@@ -622,6 +623,7 @@ IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 3
                 128: {"fwd": (32, 16, 8, 2), "dkdv": (16, 16, 4, 2), "dq": (16, 16, 4, 2)},
                 256: TF32_CONFIGS_256}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+INTERPRET_DECODE_BLOCK_N = 16
 # A decode program holds a (BLOCK_N, D) tile of keys and one of values in fp32 registers: 4096 // D keys
 # per step over 8 warps is 16 elements of each per thread (57-64 registers, no spills for sm_90a under
 # Triton 3.6 and 3.9 at every head dim: tests/attention_ptxas_check.py).
@@ -764,7 +766,7 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     B, H, _, D = q.shape
     Tk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 16 if INTERPRET else DECODE_BLOCK_N[block_d]
+    block_n = INTERPRET_DECODE_BLOCK_N if INTERPRET else DECODE_BLOCK_N[block_d]
     if num_splits is None:
         num_splits = _decode_splits(B * H, Tk, block_n, q.device)
     num_splits = max(1, min(int(num_splits), Tk, MAX_DECODE_SPLITS))

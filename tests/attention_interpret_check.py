@@ -7,11 +7,13 @@ this file in a fresh subprocess instead of importing the kernel into the pytest 
 compares attention.flash_attention with attention.attention_reference: the forward and dq, dk, dv
 in fp32 (max abs error <= 1e-4; the interpreter's fp32 dot is an exact numpy matmul), and in fp16
 by FlashAttention's rule (at most twice the error of plain PyTorch in fp16, plus 1e-4), against
-the fp32 reference. Rows that see no key must be exactly 0, with exactly 0 gradient. Three extra
-checks: flash-decoding with forced split counts, the autotuned launch path, and torch.compile. The
+the fp32 reference. Rows that see no key must be exactly 0, with exactly 0 gradient. Extra checks:
+flash-decoding with forced split counts, the autotuned launch path, torch.compile, a custom scale,
+batches split over several launches, and every launch configuration the GPU may use. The
 interpreter runs one program at a time, so the shapes are tiny; with its 32x16 blocks they still
-span several blocks (full, diagonal, ragged and skipped ones). bf16 is left to the GPU tests: the
-interpreter mishandles bf16 dots.
+span several blocks (full, diagonal, ragged and skipped ones); the GPU's configurations get shapes of
+a few of their own blocks (about a minute in all). bf16 is left to the GPU tests: the interpreter
+mishandles bf16 dots.
 """
 import argparse
 import json
@@ -279,9 +281,79 @@ def run_batch_slices_check(torch, A):
     return res
 
 
+def gpu_launch_configs(A):
+    """(label, head dim, {kernel: (BLOCK_M, BLOCK_N, warps, stages)}) for every launch configuration the
+    GPU may use: row i of the fwd, dK/dV and dQ tables for each head dim together (a shorter list
+    repeats its first entry), then the fp32 ones (TF32 and exact dots)."""
+    rows = []
+    for d, fwd in A.FWD_CONFIGS.items():
+        tables = {"fwd": fwd, "dkdv": A.DKDV_CONFIGS[d], "dq": A.DQ_CONFIGS[d]}
+        for i in range(max(map(len, tables.values()))):
+            rows.append((f"d{d}_entry{i}", d, {k: t[i] if i < len(t) else t[0] for k, t in tables.items()}))
+    rows.append(("tf32", 128, A.TF32_CONFIGS))
+    rows.append(("tf32_d256", 256, A.TF32_CONFIGS_256))
+    for d, configs in A.IEEE_CONFIGS.items():
+        rows.append((f"ieee_d{d}", d, configs))
+    return rows
+
+
+def run_gpu_configs_check(torch, A):
+    """The interpreter's own small blocks stand in for the GPU's everywhere else; here every launch
+    configuration the GPU may pick (the autotuner's candidates, the fp32 ones, the decode block of each
+    head dim) runs instead, at lengths of a few of its blocks plus a ragged end: causal with left
+    padding, a causal prefill shorter than the keys, and a padded full mask. fp32, against the
+    reference (forward and the three gradients), as in the cases above. Warps and stages do not
+    change what the interpreter computes, so only the block shapes are checked."""
+    res = {"case": "gpu_launch_configs", "tol": FP32_TOL, "configs": 0, "failed": []}
+    worst = 0.0
+    saved = A.INTERPRET_CONFIGS, A.INTERPRET_DECODE_BLOCK_N
+    try:
+        for label, D, configs in gpu_launch_configs(A):
+            A.INTERPRET_CONFIGS = configs
+            span = max(max(c[0], c[1]) for c in configs.values())  # the longest block of any kernel
+            T = span + 37
+            g = torch.Generator().manual_seed(D + len(label))
+            # (B, Tq, Tk, causal, pads): the second sequence of a batch of two starts with `pads` pads
+            shapes = [(2, T, T, True, 40), (1, 37, T, True, 0), (2, T - 29, T, False, 40)]
+            for B, Tq, Tk, causal, pads in shapes:
+                q = torch.randn(B, 1, Tq, D, generator=g, requires_grad=True)
+                k, v = (torch.randn(B, 1, Tk, D, generator=g, requires_grad=True) for _ in range(2))
+                do = torch.randn(B, 1, Tq, D, generator=g)
+                kpm = torch.ones(B, Tk, dtype=torch.bool)
+                kpm[B - 1, :pads] = False
+                out = A.flash_attention(q, k, v, causal, kpm)
+                ref = A.attention_reference(q, k, v, causal, kpm)
+                got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))
+                err = max((a - b).abs().max().item() for a, b in zip((out, *got), (ref, *want)))
+                worst = max(worst, err)
+                res["configs"] += 1
+                if not err <= FP32_TOL:
+                    res["failed"].append(f"{label} Tq={Tq} Tk={Tk} causal={causal}: {err:.2e}")
+        for d, block_n in A.DECODE_BLOCK_N.items():  # one query against 2.5 blocks, 1 and 3 splits
+            A.INTERPRET_DECODE_BLOCK_N = block_n
+            g = torch.Generator().manual_seed(d)
+            Tk = 2 * block_n + block_n // 2 + 3
+            q = torch.randn(2, 2, 1, d, generator=g)
+            k, v = (torch.randn(2, 2, Tk, d, generator=g) for _ in range(2))
+            kpm = torch.ones(2, Tk, dtype=torch.bool)
+            kpm[1, :block_n + 5] = False
+            ref = A.attention_reference(q, k, v, False, kpm)
+            for splits in (1, 3):
+                err = (A.flash_decode(q, k, v, kpm, num_splits=splits) - ref).abs().max().item()
+                worst = max(worst, err)
+                res["configs"] += 1
+                if not err <= FP32_TOL:
+                    res["failed"].append(f"decode d{d} block_n={block_n} splits={splits}: {err:.2e}")
+    finally:
+        A.INTERPRET_CONFIGS, A.INTERPRET_DECODE_BLOCK_N = saved
+    res["max_err"] = worst
+    res["ok"] = not res["failed"] and res["configs"] > 0
+    return res
+
+
 EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
                 "torch_compile_one_opaque_op": run_compile_check, "custom_scale": run_scale_check,
-                "batch_slices": run_batch_slices_check}
+                "batch_slices": run_batch_slices_check, "gpu_launch_configs": run_gpu_configs_check}
 
 
 def main(argv=None):
