@@ -304,7 +304,7 @@ def run_gpu_configs_check(torch, A):
     padding, a causal prefill shorter than the keys, and a padded full mask. fp32, against the
     reference (forward and the three gradients), as in the cases above. Warps and stages do not
     change what the interpreter computes, so only the block shapes are checked."""
-    res = {"case": "gpu_launch_configs", "tol": FP32_TOL, "configs": 0, "failed": []}
+    res = {"case": "gpu_launch_configs", "tol": FP32_TOL, "runs": 0, "failed": []}
     worst = 0.0
     saved = A.INTERPRET_CONFIGS, A.INTERPRET_DECODE_BLOCK_N
     try:
@@ -326,7 +326,7 @@ def run_gpu_configs_check(torch, A):
                 got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))
                 err = max((a - b).abs().max().item() for a, b in zip((out, *got), (ref, *want)))
                 worst = max(worst, err)
-                res["configs"] += 1
+                res["runs"] += 1
                 if not err <= FP32_TOL:
                     res["failed"].append(f"{label} Tq={Tq} Tk={Tk} causal={causal}: {err:.2e}")
         for d, block_n in A.DECODE_BLOCK_N.items():  # one query against 2.5 blocks, 1 and 3 splits
@@ -341,13 +341,13 @@ def run_gpu_configs_check(torch, A):
             for splits in (1, 3):
                 err = (A.flash_decode(q, k, v, kpm, num_splits=splits) - ref).abs().max().item()
                 worst = max(worst, err)
-                res["configs"] += 1
+                res["runs"] += 1
                 if not err <= FP32_TOL:
                     res["failed"].append(f"decode d{d} block_n={block_n} splits={splits}: {err:.2e}")
     finally:
         A.INTERPRET_CONFIGS, A.INTERPRET_DECODE_BLOCK_N = saved
     res["max_err"] = worst
-    res["ok"] = not res["failed"] and res["configs"] > 0
+    res["ok"] = not res["failed"] and res["runs"] > 0
     return res
 
 
