@@ -363,6 +363,8 @@ class Magma(nn.Module):
     def generate_ids(self, inputs, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9, eos=True,
                      generator=None, cuda_graph=False):
         """Like generate(), but returns the new token ids of each row (without the eos)."""
+        if max_new_tokens < 0:  # before the ViT runs
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         with evaluating(self):  # the image prefix's dropout off
             x, mask = self.embed_batch(inputs)  # (B, T, C), (B, T)
         return self.generate_ids_from_embeds(x, mask, max_new_tokens, temperature, top_k, top_p, eos,
@@ -371,12 +373,15 @@ class Magma(nn.Module):
     @torch.no_grad()
     def generate_ids_from_embeds(self, x, mask, max_new_tokens=32, temperature=0.7, top_k=0, top_p=0.9,
                                  eos=True, generator=None, cuda_graph=False):
-        """generate_ids() after embed_batch(): x (B, T, C) and its key padding mask (B, T) -> new ids."""
+        """generate_ids() after embed_batch(): x (B, T, C) and its key padding mask (B, T) -> new ids.
+        Embed in eval mode (`with evaluating(model): model.embed_batch(...)`), or the image prefix's
+        dropout is in x."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if x.dim() != 3 or mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"expected x (B, T, C) and its (B, T) key padding mask, as embed_batch returns; "
+                             f"got x {tuple(x.shape)}, mask {None if mask is None else tuple(mask.shape)}")
         B, T, _ = x.shape
-        if mask is None or tuple(mask.shape) != (B, T):
-            raise ValueError(f"mask must be the (B, T) = {(B, T)} key padding mask embed_batch returns")
         # The last new token is returned, not fed back: T + max_new_tokens - 1 positions are run.
         limit = getattr(self.lm.config, "block_size", None)
         if limit is not None and T + max_new_tokens - 1 > limit:
@@ -637,9 +642,8 @@ def main(argv=None):
         if args.seed is not None:
             generator = torch.Generator(device=device).manual_seed(args.seed)
         max_new_tokens = args.max_new_tokens
-        model.eval()
-        with torch.no_grad():
-            x, mask = model.embed_batch([example])  # the ViT runs once, here; generation starts from x
+        with torch.no_grad(), evaluating(model):  # the ViT runs once, here; generation starts from x
+            x, mask = model.embed_batch([example])
         prompt_len = x.shape[1]  # image and text positions
         limit = getattr(model.lm.config, "block_size", None)  # the context Magma.generate keeps to
         if max_new_tokens is None:

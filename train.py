@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 from adapters import AdapterConfig, adapter_parameters, adapter_report, cast_frozen
 from gpt import GPT, GPTConfig
-from magma import Magma, MagmaConfig, read_magma_checkpoint
+from magma import Magma, MagmaConfig, evaluating, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import PRESETS as VIT_PRESETS
 from vit import ViTConfig
@@ -833,16 +833,15 @@ def fit(stage, model, forward, count, dataset, collate_fn, cfg, dist, logger, *,
 @torch.no_grad()
 def validation_loss(model, dataset, collate_fn, cfg, device, batch_size):
     amp = autocast_dtype(cfg, device)
-    model.eval()
     total, n = 0.0, 0
-    for i in range(min(cfg.eval_batches, max(1, len(dataset) // batch_size))):
-        items = [dataset[j % len(dataset)] for j in range(i * batch_size, (i + 1) * batch_size)]
-        b = to_device(collate_fn(items), device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(b["pixels"], b["input_ids"], b["text_mask"])
-        k = int(b["text_mask"].sum())
-        total, n = total + loss.item() * k, n + k
-    model.train()
+    with evaluating(model):
+        for i in range(min(cfg.eval_batches, max(1, len(dataset) // batch_size))):
+            items = [dataset[j % len(dataset)] for j in range(i * batch_size, (i + 1) * batch_size)]
+            b = to_device(collate_fn(items), device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = model(b["pixels"], b["input_ids"], b["text_mask"])
+            k = int(b["text_mask"].sum())
+            total, n = total + loss.item() * k, n + k
     return total / max(n, 1)
 
 
@@ -891,8 +890,7 @@ def evaluate(step, model, val, collate_fn, cfg, dist, logger, final=False):
                                                if k not in ("stage", "step", "samples")))
     for p, t in shown:
         logger.print(f"  {p!r}  (truth: {t!r})")
-    model.train()
-    return record, examples, captions
+    return record, examples, captions  # in the mode it came in: validation_loss and generate put it back
 
 
 def draw_grid(path, examples, captions, columns=4, cell=160):

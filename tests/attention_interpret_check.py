@@ -283,17 +283,27 @@ def run_batch_slices_check(torch, A):
 
 def gpu_launch_configs(A):
     """(label, head dim, {kernel: (BLOCK_M, BLOCK_N, warps, stages)}) for every launch configuration the
-    GPU may use: row i of the fwd, dK/dV and dQ tables for each head dim together (a shorter list
-    repeats its first entry), then the fp32 ones (TF32 and exact dots)."""
-    rows = []
-    for d, fwd in A.FWD_CONFIGS.items():
-        tables = {"fwd": fwd, "dkdv": A.DKDV_CONFIGS[d], "dq": A.DQ_CONFIGS[d]}
-        for i in range(max(map(len, tables.values()))):
-            rows.append((f"d{d}_entry{i}", d, {k: t[i] if i < len(t) else t[0] for k, t in tables.items()}))
-    rows.append(("tf32", 128, A.TF32_CONFIGS))
-    rows.append(("tf32_d256", 256, A.TF32_CONFIGS_256))
-    for d, configs in A.IEEE_CONFIGS.items():
-        rows.append((f"ieee_d{d}", d, configs))
+    GPU may use, as attention._configs picks them (for 16-bit inputs, and for fp32 with TF32 and with
+    exact dots): entry i of the fwd, dK/dV and dQ lists of a head dim together (a shorter list repeats
+    its first entry). Block shapes already listed at another head dim are not listed again: the head
+    dim sets the width of every tile, not which blocks a program visits or masks."""
+    saved = A.INTERPRET, os.environ.pop("MAGMA_FLASH_AUTOTUNE", None)
+    A.INTERPRET = False  # what _configs returns on a GPU: every candidate
+    try:
+        rows, seen = [], set()
+        for d in sorted(A.FWD_CONFIGS):
+            for precision in (None, "tf32", "ieee"):
+                lists = {name: A._configs(name, d, precision) for name in ("fwd", "dkdv", "dq")}
+                for i in range(max(map(len, lists.values()))):
+                    configs = {name: c[i] if i < len(c) else c[0] for name, c in lists.items()}
+                    key = tuple(configs[name][:2] for name in ("fwd", "dkdv", "dq"))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append((f"d{d}_{precision or '16bit'}_{i}", d, configs))
+    finally:
+        A.INTERPRET = saved[0]
+        if saved[1] is not None:
+            os.environ["MAGMA_FLASH_AUTOTUNE"] = saved[1]
     return rows
 
 
@@ -308,19 +318,24 @@ def run_gpu_configs_check(torch, A):
     worst = 0.0
     saved = A.INTERPRET_CONFIGS, A.INTERPRET_DECODE_BLOCK_N
     try:
-        for label, D, configs in gpu_launch_configs(A):
+        for row, (label, D, configs) in enumerate(gpu_launch_configs(A)):
             A.INTERPRET_CONFIGS = configs
             span = max(max(c[0], c[1]) for c in configs.values())  # the longest block of any kernel
             T = span + 37
-            g = torch.Generator().manual_seed(D + len(label))
-            # (B, Tq, Tk, causal, pads): the second sequence of a batch of two starts with `pads` pads
-            shapes = [(2, T, T, True, 40), (1, 37, T, True, 0), (2, T - 29, T, False, 40)]
+            g = torch.Generator().manual_seed(row)
+            # (B, Tq, Tk, causal, pads): with pads, the second sequence of two starts with that many
+            shapes = [(2, T, T, True, 40),         # causal, left-padded: full, diagonal, skipped, ragged
+                      (1, 37, T, True, None),      # a prefill: fewer queries than keys, no mask at all
+                      (1, T, 37, True, None),      # more queries than keys: the first rows see none
+                      (2, T - 29, T, False, 40)]   # no causal mask (the ViT), padded
             for B, Tq, Tk, causal, pads in shapes:
                 q = torch.randn(B, 1, Tq, D, generator=g, requires_grad=True)
                 k, v = (torch.randn(B, 1, Tk, D, generator=g, requires_grad=True) for _ in range(2))
                 do = torch.randn(B, 1, Tq, D, generator=g)
-                kpm = torch.ones(B, Tk, dtype=torch.bool)
-                kpm[B - 1, :pads] = False
+                kpm = None
+                if pads is not None:
+                    kpm = torch.ones(B, Tk, dtype=torch.bool)
+                    kpm[B - 1, :pads] = False
                 out = A.flash_attention(q, k, v, causal, kpm)
                 ref = A.attention_reference(q, k, v, causal, kpm)
                 got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))

@@ -15,7 +15,7 @@ from PIL import Image
 from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, DecodeStep, GPTConfig, sample_next
-from magma import ImagePrefix, Magma, MagmaConfig, main, read_magma_checkpoint
+from magma import ImagePrefix, Magma, MagmaConfig, evaluating, main, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import OPENAI_NAMES, ViT, ViTConfig, rename
 
@@ -210,6 +210,13 @@ def test_batched_greedy_generation_equals_one_at_a_time():
     assert texts == [model.tokenizer.decode(r) for r in together]
     # top_k=1 is greedy whatever the temperature: the sampling flags reach sample_next
     assert model.generate_ids(batch, max_new_tokens=4, temperature=0.7, top_k=1, eos=False) == [r[:4] for r in together]
+    # from embeddings made beforehand (in eval mode), as magma.py's command line does
+    with torch.no_grad(), evaluating(model):
+        x, mask = model.embed_batch(batch)
+    assert model.generate_ids_from_embeds(x, mask, max_new_tokens=8, temperature=0, eos=False) == together
+    for bad in ((x[0], mask), (x, mask[:, 1:]), (x, None)):
+        with pytest.raises(ValueError, match=r"expected x \(B, T, C\) and its \(B, T\) key padding mask"):
+            model.generate_ids_from_embeds(*bad)
 
 
 def test_cached_greedy_generation_equals_uncached_recomputation():
