@@ -148,6 +148,14 @@ def run_decode_split_check(torch, A):
     res = {"case": "decode_split_k_merge"}
     for splits in (1, 3, 5):
         res[f"out_err_splits_{splits}"] = (A.flash_decode(q, k, v, kpm, num_splits=splits) - ref).abs().max().item()
+    # the most splits there may be (MAX_DECODE_SPLITS = 64 partial results for the merge to hold)
+    q = torch.randn(2, 1, 1, 64, generator=g)
+    k, v = (torch.randn(2, 1, 1024, 64, generator=g) for _ in range(2))  # 64 splits of 16 keys
+    kpm = torch.ones(2, 1024, dtype=torch.bool)
+    kpm[1, :700] = False
+    splits = A.MAX_DECODE_SPLITS
+    res[f"out_err_splits_{splits}"] = (A.flash_decode(q, k, v, kpm, num_splits=splits)
+                                       - A.attention_reference(q, k, v, False, kpm)).abs().max().item()
     res["tol"] = FP32_TOL
     res["ok"] = all(e <= FP32_TOL for key, e in res.items() if key.startswith("out_err"))
     return res
