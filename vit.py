@@ -14,10 +14,13 @@ features; arXiv 2112.05253, section 3.1) and tries CLIP's ViT in ablations; this
 
 MAGMA feeds the hidden states (not the pooled embedding) to its image prefix.
 
-Loaders (`ViT.from_pretrained`) read the two formats users have on disk, by explicit name tables:
+Loaders (`ViT.from_pretrained`) read the formats users have on disk, by explicit name tables:
 - an OpenAI CLIP archive (`ViT-B-16.pt`): a TorchScript archive of fp16 weights, or a plain state dict
   with the same names (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`...);
   the size is read off the tensor shapes, as OpenAI's own `build_model` does;
+- an open_clip checkpoint (LAION, DataComp, MetaCLIP, DFN: `open_clip_model.safetensors` or
+  `open_clip_pytorch_model.bin`, or the folder holding it): OpenAI's names, with the head width and the
+  activation, which the tensors do not show, read from the `open_clip_config.json` beside it;
 - a Hugging Face CLIP directory (`CLIPModel`, `CLIPVisionModel` or `CLIPVisionModelWithProjection`).
 The text tower in either file is skipped; every vision tensor is checked (gpt.load_checked).
 
@@ -180,18 +183,21 @@ class ViT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, image_size=None, dtype=torch.float32):
-        """Load an OpenAI CLIP archive (.pt file) or a Hugging Face CLIP directory.
+        """Load an OpenAI CLIP archive (.pt file), an open_clip checkpoint (its weights file or folder,
+        with open_clip_config.json), or a Hugging Face CLIP directory.
 
         image_size: build the model for this input size instead of the checkpoint's, interpolating the
         position embedding over the patch grid. dtype: of the returned model (fp16 archives load as fp32).
         """
-        if os.path.isdir(path):
+        if is_open_clip_folder(path):
+            config, state_dict, source, names = read_openai_clip(open_clip_weights(path))
+        elif os.path.isdir(path):
             config, state_dict, source, names = read_hf_clip(path)
         elif os.path.isfile(path):
             config, state_dict, source, names = read_openai_clip(path)
         else:
-            raise FileNotFoundError(f"no CLIP checkpoint at {path}: expected an OpenAI CLIP archive (.pt) "
-                                    "or a Hugging Face CLIP directory")
+            raise FileNotFoundError(f"no CLIP checkpoint at {path}: expected an OpenAI CLIP archive (.pt), "
+                                    "an open_clip weights file or folder, or a Hugging Face CLIP directory")
         if image_size is not None and image_size != config.image_size:
             new = replace(config, image_size=image_size)  # validates image_size against patch_size
             pos = state_dict.get("positional_embedding")
@@ -304,24 +310,39 @@ def is_torchscript(path):
 
 
 def read_openai_state_dict(path):
-    """The raw state dict of an OpenAI CLIP archive: TorchScript (as released) or a plain state dict."""
+    """(raw state dict, open_clip config file or None) of an OpenAI CLIP archive (TorchScript as released,
+    or a plain state dict) or of an open_clip checkpoint (the same names, its config beside it)."""
     if is_torchscript(path):
         try:
-            return torch.jit.load(path, map_location="cpu").state_dict()
+            raw = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e:
             raise ValueError(f"{path}: could not load the TorchScript archive ({type(e).__name__}: {e})") from None
-    return read_checkpoint_file(path)
+    else:
+        raw = read_checkpoint_file(path)
+    training = isinstance(raw.get("state_dict"), dict)  # open_clip's own epoch_N.pt: {"epoch", "state_dict", ...}
+    if training:
+        raw = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}  # DDP's prefix
+    if not any(k.startswith("visual.") for k in raw) and "conv1.weight" in raw:
+        raw = {"visual." + k: v for k, v in raw.items()}  # a bare vision tower saved on its own
+    config_file = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
+    if os.path.isfile(config_file):
+        return raw, config_file
+    if training or os.path.basename(path) in OPEN_CLIP_WEIGHTS:
+        raise ValueError(f"{path}: an open_clip checkpoint, whose activation (GELU or QuickGELU) and head "
+                         f"width are not in its tensors; put its {OPEN_CLIP_CONFIG} beside it (the hub "
+                         "ships one; for your own run, open_clip's model_configs/<model>.json will do)")
+    return raw, None
 
 
 def read_openai_clip(path):
-    """OpenAI CLIP archive -> (ViTConfig, state dict in our names, source, {our name: file's name}).
+    """OpenAI CLIP archive or open_clip weights file -> (ViTConfig, state dict in our names, source,
+    {our name: file's name}).
 
-    The sizes come from the tensor shapes, as in OpenAI's build_model."""
-    raw = read_openai_state_dict(path)
+    For OpenAI's files the sizes come from the tensor shapes, as in OpenAI's build_model. A file with
+    open_clip_config.json beside it is an open_clip checkpoint: the config gives what the tensors cannot."""
+    raw, config_file = read_openai_state_dict(path)
     if "visual.layer1.0.conv1.weight" in raw:
         raise ValueError(f"{path}: a ResNet CLIP checkpoint (RN50 family); only the ViT models are supported")
-    if not any(k.startswith("visual.") for k in raw) and "conv1.weight" in raw:
-        raw = {"visual." + k: v for k, v in raw.items()}  # a bare vision tower saved on its own
     if "visual.conv1.weight" not in raw:
         raise ValueError(f"{path}: not an OpenAI CLIP checkpoint (no tensor 'visual.conv1.weight'; "
                          f"found e.g. {sorted(raw)[:5]})")
@@ -338,7 +359,93 @@ def read_openai_clip(path):
     blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
     config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
                        heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
+    if config_file is not None:
+        config = read_open_clip_config(config_file)
     return config, rename(visual, OPENAI_NAMES), path, file_names(OPENAI_NAMES, config.layers)
+
+
+# open_clip (github.com/mlfoundations/open_clip; the LAION, DataComp, MetaCLIP and DFN models) saves its
+# ViTs under OpenAI's names, but two things its tensors do not show differ from OpenAI's: the head width
+# (80 for ViT-H/14, 88 for ViT-g/14, 104 for ViT-bigG/14; 64 at OpenAI) and the activation (exact GELU,
+# unless the config says quick_gelu). Its config file, which the hub puts beside the weights, says both.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # the hub's names, preferred first
+OPEN_CLIP_SIZES = ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")  # read
+OPEN_CLIP_OPTIONS = {  # options our ViT does not have: loadable only at open_clip's defaults
+    "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+    "final_ln_after_pool": False, "pool_type": "tok", "act_kwargs": None, "norm_kwargs": None,
+    "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "timm_model_name": None,
+    "input_patchnorm": False, "global_average_pool": False,  # the names of older open_clip versions
+}
+OPEN_CLIP_IGNORED = {  # no effect on what the loaded tower computes (training-time, or for options refused above)
+    "patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained",
+    "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
+}
+# data.clip_preprocess resizes the shorter side (bicubic), crops the centre and normalises with OpenAI's
+# mean and std (data.CLIP_MEAN, CLIP_STD); a model trained on other pixels would see wrong inputs.
+OPEN_CLIP_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                        "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def is_open_clip_folder(path):
+    """A folder with open_clip_config.json and no Hugging Face CLIP config.json (the hub's LAION folders
+    have both: the Hugging Face weights are read then; timm's have a config.json of another kind)."""
+    if not os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG)):
+        return False
+    hf_config = os.path.join(path, "config.json")
+    return not (os.path.isfile(hf_config) and read_json(hf_config).get("model_type") in ("clip", "clip_vision_model"))
+
+
+def open_clip_weights(folder):
+    """The weights file of an open_clip folder (what open_clip's push_to_hf_hub writes)."""
+    for name in OPEN_CLIP_WEIGHTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"{folder}: has {OPEN_CLIP_CONFIG} but no weights file ({' or '.join(OPEN_CLIP_WEIGHTS)})")
+
+
+def read_open_clip_config(config_file):
+    """open_clip_config.json -> ViTConfig. Either the hub's {"model_cfg": ..., "preprocess_cfg": ...} or
+    a bare model config (open_clip's model_configs/<model>.json); anything our ViT cannot compute is refused."""
+    cfg = read_json(config_file)
+    model_cfg = cfg.get("model_cfg", cfg)
+    vision = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
+    if not isinstance(vision, dict) or "embed_dim" not in model_cfg:
+        raise ValueError(f"{config_file}: not an open_clip config (no 'vision_cfg' and 'embed_dim')")
+    if vision.get("timm_model_name") or not isinstance(vision.get("layers", 12), int):
+        raise ValueError(f"{config_file}: a {'timm' if vision.get('timm_model_name') else 'ResNet'} image tower; "
+                         "only open_clip's own ViT (the CLIP architecture) is supported")
+    for key, value in vision.items():
+        if key in OPEN_CLIP_OPTIONS:
+            unset = value is None or value == {} or (key, value) == ("block_type", "default")  # open_clip's default too
+            if value != OPEN_CLIP_OPTIONS[key] and not unset:
+                raise ValueError(f"{config_file}: vision_cfg {key}={value!r} is not supported (only "
+                                 f"{OPEN_CLIP_OPTIONS[key]!r}): this ViT would compute something else")
+        elif key not in OPEN_CLIP_IGNORED and key not in OPEN_CLIP_SIZES:
+            raise ValueError(f"{config_file}: vision_cfg option {key!r} is not one this loader knows")
+    for key, value in (cfg.get("preprocess_cfg") or {}).items():
+        want = OPEN_CLIP_PREPROCESS.get(key)
+        differs = (want is not None and value is not None
+                   and (value != want if isinstance(want, str) else not isinstance(value, (list, tuple))
+                        or len(value) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(value, want))))
+        if differs:
+            raise ValueError(f"{config_file}: preprocess_cfg {key}={value!r}, but data.clip_preprocess uses "
+                             f"{want!r} (OpenAI's CLIP preprocessing); this model expects other pixels")
+    sizes = {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "head_width": 64, "mlp_ratio": 4.0,
+             **{k: vision[k] for k in OPEN_CLIP_SIZES if k in vision}}  # open_clip's CLIPVisionCfg defaults
+    for key in ("image_size", "patch_size"):
+        if isinstance(sizes[key], (list, tuple)):
+            if len(set(sizes[key])) != 1:
+                raise ValueError(f"{config_file}: vision_cfg {key}={sizes[key]}: only square sizes are supported")
+            sizes[key] = sizes[key][0]
+    if not isinstance(sizes["head_width"], int) or sizes["head_width"] <= 0 or sizes["width"] % sizes["head_width"]:
+        raise ValueError(f"{config_file}: width {sizes['width']} is not a multiple of head_width {sizes['head_width']}")
+    return ViTConfig(image_size=sizes["image_size"], patch_size=sizes["patch_size"], width=sizes["width"],
+                     layers=sizes["layers"], heads=sizes["width"] // sizes["head_width"],
+                     mlp_ratio=int(sizes["width"] * sizes["mlp_ratio"]) / sizes["width"],  # open_clip truncates
+                     embed_dim=model_cfg["embed_dim"],
+                     act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", ln_eps=1e-5)
 
 
 HF_VISION_DEFAULTS = {  # transformers' CLIPVisionConfig defaults, for keys an older config.json leaves out
@@ -424,12 +531,25 @@ def load_reference_openai_model_file():
     return module
 
 
+def load_reference_open_clip_tower(config_file):
+    """open_clip's own image tower, built from the config as open_clip builds it (random weights)."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError(f"--compare on an open_clip checkpoint needs open_clip (pip install open_clip_torch): "
+                          f"{e}") from None
+    cfg = read_json(config_file)
+    model_cfg = cfg.get("model_cfg", cfg)
+    return open_clip.model._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
+                                               quick_gelu=bool(model_cfg.get("quick_gelu", False)))
+
+
 @torch.no_grad()
 def compare_with_reference(path, model, pixels):
     """Run the reference implementation on the same checkpoint and pixels; return {output: max abs diff}."""
     ours_hidden = model(pixels)
     ours_embed = model.encode_image(pixels) if model.proj is not None else None
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_open_clip_folder(path):
         import transformers
         transformers.utils.logging.disable_progress_bar()
         model_type = read_json(os.path.join(path, "config.json"))["model_type"]
@@ -446,18 +566,21 @@ def compare_with_reference(path, model, pixels):
             out = ref(pixel_values=pixels)
             ref_hidden, ref_embed = out.last_hidden_state, out.image_embeds
     else:
-        clip_model = load_reference_openai_model_file()
-        c = model.config
-        ref = clip_model.VisionTransformer(input_resolution=c.image_size, patch_size=c.patch_size, width=c.width,
-                                           layers=c.layers, heads=c.heads, output_dim=c.embed_dim)
-        raw = read_openai_state_dict(path)
-        if not any(k.startswith("visual.") for k in raw):
-            raw = {"visual." + k: v for k, v in raw.items()}
+        raw, config_file = read_openai_state_dict(open_clip_weights(path) if os.path.isdir(path) else path)
+        if config_file is None:
+            c = model.config
+            ref = load_reference_openai_model_file().VisionTransformer(
+                input_resolution=c.image_size, patch_size=c.patch_size, width=c.width, layers=c.layers,
+                heads=c.heads, output_dim=c.embed_dim)
+        else:
+            ref = load_reference_open_clip_tower(config_file)
         ref.load_state_dict({k[len("visual."):]: v for k, v in raw.items() if k.startswith("visual.")})
         ref = ref.float().eval()
         captured = {}
-        ref.transformer.register_forward_hook(lambda m, i, o: captured.update(hidden=o.permute(1, 0, 2)))
-        ref_embed = ref(pixels)  # OpenAI runs the blocks sequence-first (L, B, D); the hook turns it back
+        # OpenAI (and open_clip before 2.24) run the blocks sequence-first (L, B, D): the hook turns it back
+        ref.transformer.register_forward_hook(lambda m, i, o: captured.update(
+            hidden=o if getattr(m, "batch_first", False) else o.permute(1, 0, 2)))
+        ref_embed = ref(pixels)
         ref_hidden = captured["hidden"]
     diffs = {"hidden states": (ours_hidden - ref_hidden).abs().max().item()}
     if ours_embed is not None:
@@ -469,11 +592,13 @@ def main(argv=None):
     """Entry point of `python vit.py PATH --image photo.jpg [--compare]`."""
     parser = argparse.ArgumentParser(description="Load a CLIP vision transformer and embed one image: "
                                                  "a sanity check for a downloaded checkpoint.")
-    parser.add_argument("path", help="OpenAI CLIP archive (e.g. ViT-B-16.pt) or Hugging Face CLIP directory")
+    parser.add_argument("path", help="OpenAI CLIP archive (e.g. ViT-B-16.pt), open_clip weights file or folder "
+                                     "(open_clip_config.json beside the weights), or Hugging Face CLIP directory")
     parser.add_argument("--image", help="image file (default: a synthetic colour gradient)")
     parser.add_argument("--compare", action="store_true",
-                        help="also run the reference implementation (transformers for a directory, OpenAI's "
-                             "clip/model.py for an archive) and print the largest absolute difference")
+                        help="also run the reference implementation (transformers for a Hugging Face "
+                             "directory, open_clip for an open_clip checkpoint, OpenAI's clip/model.py for an "
+                             "archive) and print the largest absolute difference")
     args = parser.parse_args(argv)
     try:
         from PIL import Image

@@ -1,4 +1,4 @@
-"""vit.py: parity with Hugging Face CLIP and OpenAI's clip/model.py, position interpolation, loader errors."""
+"""vit.py: parity with Hugging Face CLIP, OpenAI's clip/model.py and open_clip, position interpolation, loader errors."""
 import importlib.util
 import json
 import os
@@ -168,6 +168,190 @@ def test_openai_dtype_argument(openai_clip):
 
 
 # ----------------------------------------------------------------------------------------------------
+# open_clip format (OpenAI's names; head width and activation from open_clip_config.json), against open_clip
+
+
+def open_clip_package():
+    """open_clip's model code (open_clip_torch, installed with --no-deps). Its package __init__ builds the
+    preprocessing from torchvision, and its utils.py imports one torchvision class (to freeze ResNet
+    batch norms): the package is imported without its __init__, with a stand-in for that class, and
+    neither the package nor the stand-in is left in sys.modules."""
+    import sys
+    import types
+    import transformers  # noqa: F401  (open_clip imports it; it must look for torchvision before the stand-in)
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip is not installed (pip install --no-deps open_clip_torch==3.3.0, as .ci/run does)")
+    names = ["open_clip", "torchvision", "torchvision.ops", "torchvision.ops.misc"]
+    saved, before = {n: sys.modules.get(n) for n in names}, set(sys.modules)
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})  # used only to freeze ResNets
+    sys.modules.update({"open_clip": package, "torchvision": types.ModuleType("torchvision"),
+                        "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc})
+    try:
+        package.model = importlib.import_module("open_clip.model")
+    finally:
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("open_clip", "torchvision"):
+                del sys.modules[name]
+        sys.modules.update({n: m for n, m in saved.items() if m is not None})
+    return package
+
+
+def open_clip_config(quick_gelu):
+    """A tiny open_clip ViT whose conventions differ from OpenAI's where the tensors cannot show it:
+    heads of width 32 (3 heads; OpenAI's rule, width // 64, would give 1) and, unless quick_gelu, GELU."""
+    return {"embed_dim": 16, "quick_gelu": quick_gelu,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "head_width": 32, "patch_size": 8,
+                           "mlp_ratio": 2.5},
+            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}}
+
+
+OPENAI_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                     "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def open_clip_models(tmp_path_factory):
+    """Tiny random open_clip CLIPs saved as the hub lays them out: a folder holding open_clip_config.json
+    and the weights (open_clip_model.safetensors or open_clip_pytorch_model.bin)."""
+    from safetensors.torch import save_file
+    package = open_clip_package()
+    out = {}
+    for act, quick_gelu in (("gelu", False), ("quick_gelu", True)):
+        torch.manual_seed(0)
+        cfg = open_clip_config(quick_gelu)
+        ref = perturb_(package.model.CLIP(**cfg)).eval()
+        sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+        for fmt, name in (("safetensors", "open_clip_model.safetensors"), ("bin", "open_clip_pytorch_model.bin")):
+            d = tmp_path_factory.mktemp(f"open_clip_{act}_{fmt}")
+            (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": OPENAI_PREPROCESS}))
+            save_file(sd, str(d / name)) if fmt == "safetensors" else torch.save(sd, d / name)
+            out[act, fmt] = d / name
+        out[act] = ref
+    return package, out
+
+
+@pytest.mark.parametrize("act,fmt,where", [("gelu", "safetensors", "file"), ("gelu", "bin", "folder"),
+                                           ("quick_gelu", "bin", "file")])
+def test_open_clip_parity(open_clip_models, act, fmt, where):
+    _, models = open_clip_models
+    ref, file = models[act], models[act, fmt]
+    ours = ViT.from_pretrained(str(file if where == "file" else file.parent))
+    c = ours.config
+    assert (c.image_size, c.patch_size, c.width, c.layers, c.heads, c.hidden, c.embed_dim, c.act) == \
+        (32, 8, 96, 2, 3, 240, 16, act)
+    pixels = torch.randn(2, 3, 32, 32)
+    captured = {}
+    hook = ref.visual.transformer.register_forward_hook(lambda m, i, o: captured.update(h=o))  # batch-first
+    with torch.no_grad():
+        want_embed = ref.encode_image(pixels)
+        embed, hidden = ours.encode_image(pixels), ours(pixels)
+    hook.remove()
+    assert captured["h"].shape == hidden.shape == (2, 17, 96)
+    print(f"open_clip-{act}-{fmt}: max abs diff hidden {max_diff(hidden, captured['h']):.2e}, "
+          f"image features {max_diff(embed, want_embed):.2e}")
+    assert max_diff(embed, want_embed) <= TOL
+    assert max_diff(hidden, captured["h"]) <= TOL
+
+
+def test_open_clip_needs_its_config(open_clip_models, tmp_path):
+    """Without the config the same tensors load under OpenAI's conventions, which compute something
+    else: so the hub's file name, or open_clip's training checkpoint, without its config is refused."""
+    package, models = open_clip_models
+    ref, file = models["gelu"], models["gelu", "bin"]
+    sd = torch.load(file, weights_only=True)
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError, match="open_clip_pytorch_model.bin: an open_clip checkpoint.*open_clip_config.json"):
+        ViT.from_pretrained(str(tmp_path / "open_clip_pytorch_model.bin"))
+    torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in sd.items()}},
+               tmp_path / "epoch_3.pt")
+    with pytest.raises(ValueError, match="epoch_3.pt: an open_clip checkpoint"):
+        ViT.from_pretrained(str(tmp_path / "epoch_3.pt"))
+    cfg = open_clip_config(quick_gelu=False)
+    cfg["vision_cfg"]["mlp_ratio"] = 4.0  # OpenAI's, so that every tensor fits OpenAI's conventions
+    torch.manual_seed(0)
+    ref4 = perturb_(package.model.CLIP(**cfg)).eval()
+    torch.save(ref4.state_dict(), tmp_path / "renamed.pt")
+    as_openai = ViT.from_pretrained(str(tmp_path / "renamed.pt"))
+    assert (as_openai.config.heads, as_openai.config.act) == (1, "quick_gelu")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(as_openai.encode_image(pixels), ref4.encode_image(pixels)) > 100 * TOL
+        # open_clip's training checkpoint (DDP's "module." prefix) with a bare model config beside it
+        (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(quick_gelu=False)))
+        ours = ViT.from_pretrained(str(tmp_path / "epoch_3.pt"))
+        assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
+    timm_folder = tmp_path / "timm"  # timm's hub folders add a config.json of their own kind
+    timm_folder.mkdir()
+    for f in (file, file.parent / "open_clip_config.json"):
+        shutil.copy(f, timm_folder / f.name)
+    (timm_folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224"}))
+    with torch.no_grad():
+        ours = ViT.from_pretrained(str(timm_folder))
+        assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "open_clip_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="empty: has open_clip_config.json but no weights file"):
+        ViT.from_pretrained(str(tmp_path / "empty"))
+
+
+def vision(**kw):
+    return lambda cfg: cfg["model_cfg"]["vision_cfg"].update(kw)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (vision(pool_type="avg"), "pool_type='avg' is not supported"),
+    (vision(final_ln_after_pool=True), "final_ln_after_pool=True"),
+    (vision(no_ln_pre=True), "no_ln_pre=True"),
+    (vision(ls_init_value=1e-4), "ls_init_value=0.0001"),
+    (vision(norm_kwargs={"eps": 1e-6}), "norm_kwargs"),
+    (vision(timm_model_name="vit_base_patch16_siglip_224"), "a timm image tower"),
+    (vision(layers=[3, 4, 6, 3]), "a ResNet image tower"),
+    (vision(some_new_option=1), "'some_new_option' is not one this loader knows"),
+    (vision(head_width=0), "head_width 0"),
+    (vision(image_size=[32, 48]), r"image_size=\[32, 48\]: only square"),
+    (lambda cfg: cfg["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5]), r"preprocess_cfg mean=\[0.5, 0.5, 0.5\]"),
+    (lambda cfg: cfg["preprocess_cfg"].update(resize_mode="squash"), "resize_mode='squash'"),
+    (lambda cfg: cfg.update(model_cfg={"text_cfg": {}}), "not an open_clip config"),
+])
+def test_open_clip_config_errors(open_clip_models, tmp_path, edit, message):
+    """Options that change what the tower computes, without changing its tensors, are refused by name."""
+    file = open_clip_models[1]["gelu", "bin"]
+    shutil.copy(file, tmp_path / file.name)
+    cfg = json.loads((file.parent / "open_clip_config.json").read_text())
+    edit(cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message) as err:
+        ViT.from_pretrained(str(tmp_path))
+    assert "open_clip_config.json" in str(err.value)
+
+
+def test_open_clip_options_that_change_nothing(open_clip_models, tmp_path):
+    """Training-time options and open_clip's spelled-out defaults load (and still match open_clip)."""
+    _, models = open_clip_models
+    file = models["gelu", "bin"]
+    shutil.copy(file, tmp_path / file.name)
+    cfg = json.loads((file.parent / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"].update(patch_dropout=0.5, output_tokens=True, pool_type="tok", act_kwargs={},
+                                          block_type="default", image_size=[32, 32])
+    cfg["preprocess_cfg"] = {**cfg["preprocess_cfg"], "mean": [0.4814547, 0.4578275, 0.4082107]}  # rounded
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    ours, pixels = ViT.from_pretrained(str(tmp_path)), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(ours.encode_image(pixels), models["gelu"].encode_image(pixels)) <= TOL
+
+
+def test_open_clip_preprocessing_is_data_py():
+    """The preprocessing an open_clip config must ask for is data.clip_preprocess's."""
+    import data
+    assert tuple(vit.OPEN_CLIP_PREPROCESS["mean"]) == data.CLIP_MEAN
+    assert tuple(vit.OPEN_CLIP_PREPROCESS["std"]) == data.CLIP_STD
+
+
+# ----------------------------------------------------------------------------------------------------
 # Position embedding interpolation
 
 
@@ -299,12 +483,15 @@ def test_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize("which", ["hf", "openai"])
-def test_cli_compare(hf_clip, openai_clip, which, capsys, tmp_path):
+@pytest.mark.parametrize("which", ["hf", "openai", "open_clip"])
+def test_cli_compare(hf_clip, openai_clip, open_clip_models, which, capsys, tmp_path, monkeypatch):
     """`python vit.py PATH --image photo.jpg --compare`, as a user runs it; user errors are one line."""
     from PIL import Image
     Image.radial_gradient("L").convert("RGB").save(tmp_path / "photo.jpg")
-    path = str(hf_clip[1]["safetensors"]) if which == "hf" else str(openai_clip[1]["torchscript"])
+    path = {"hf": lambda: hf_clip[1]["safetensors"], "openai": lambda: openai_clip[1]["torchscript"],
+            "open_clip": lambda: open_clip_models[1]["gelu", "safetensors"].parent}[which]()
+    path = str(path)
+    monkeypatch.setitem(__import__("sys").modules, "open_clip", open_clip_models[0])  # as if installed normally
     vit.main([path, "--image", str(tmp_path / "photo.jpg"), "--compare"])
     out = capsys.readouterr().out
     assert "parameters:" in out and "image embedding: (16,)" in out
