@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, replace
 
@@ -383,7 +384,8 @@ OPEN_CLIP_IGNORED = {  # no effect on what the loaded tower computes (training-t
     "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
 }
 # data.clip_preprocess resizes the shorter side (bicubic), crops the centre and normalises with OpenAI's
-# mean and std (data.CLIP_MEAN, CLIP_STD); a model trained on other pixels would see wrong inputs.
+# mean and std (data.CLIP_MEAN, CLIP_STD). A model trained on other pixels (DFN's squashed images, say)
+# loads with a warning: its features are right for its own preprocessing, not quite for ours.
 OPEN_CLIP_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
                         "interpolation": "bicubic", "resize_mode": "shortest"}
 
@@ -429,9 +431,9 @@ def read_open_clip_config(config_file):
         differs = (want is not None and value is not None
                    and (value != want if isinstance(want, str) else not isinstance(value, (list, tuple))
                         or len(value) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(value, want))))
-        if differs:
-            raise ValueError(f"{config_file}: preprocess_cfg {key}={value!r}, but data.clip_preprocess uses "
-                             f"{want!r} (OpenAI's CLIP preprocessing); this model expects other pixels")
+        if differs:  # the tower itself loads exactly; the pixels data.py gives it are what differs
+            warnings.warn(f"{config_file}: preprocess_cfg {key}={value!r}, but data.clip_preprocess uses {want!r} "
+                          "(OpenAI's CLIP preprocessing): this model was trained on other pixels", stacklevel=2)
     sizes = {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "head_width": 64, "mlp_ratio": 4.0,
              **{k: vision[k] for k in OPEN_CLIP_SIZES if k in vision}}  # open_clip's CLIPVisionCfg defaults
     for key in ("image_size", "patch_size"):

@@ -313,8 +313,6 @@ def vision(**kw):
     (vision(some_new_option=1), "'some_new_option' is not one this loader knows"),
     (vision(head_width=0), "head_width 0"),
     (vision(image_size=[32, 48]), r"image_size=\[32, 48\]: only square"),
-    (lambda cfg: cfg["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5]), r"preprocess_cfg mean=\[0.5, 0.5, 0.5\]"),
-    (lambda cfg: cfg["preprocess_cfg"].update(resize_mode="squash"), "resize_mode='squash'"),
     (lambda cfg: cfg.update(model_cfg={"text_cfg": {}}), "not an open_clip config"),
 ])
 def test_open_clip_config_errors(open_clip_models, tmp_path, edit, message):
@@ -327,6 +325,24 @@ def test_open_clip_config_errors(open_clip_models, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as err:
         ViT.from_pretrained(str(tmp_path))
     assert "open_clip_config.json" in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,message", [("mean", [0.5, 0.5, 0.5], r"mean=\[0.5, 0.5, 0.5\]"),
+                                               ("resize_mode", "squash", "resize_mode='squash'")])
+def test_open_clip_other_preprocessing_warns(open_clip_models, tmp_path, key, value, message):
+    """The tower loads exactly; that data.clip_preprocess prepares other pixels than it was trained on is
+    said once, at load."""
+    _, models = open_clip_models
+    file = models["gelu", "bin"]
+    shutil.copy(file, tmp_path / file.name)
+    cfg = json.loads((file.parent / "open_clip_config.json").read_text())
+    cfg["preprocess_cfg"][key] = value
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=message + ".*data.clip_preprocess"):
+        ours = ViT.from_pretrained(str(tmp_path))
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(ours.encode_image(pixels), models["gelu"].encode_image(pixels)) <= TOL
 
 
 def test_open_clip_options_that_change_nothing(open_clip_models, tmp_path):
