@@ -18,9 +18,10 @@ Loaders (`ViT.from_pretrained`) read the formats users have on disk, by explicit
 - an OpenAI CLIP archive (`ViT-B-16.pt`): a TorchScript archive of fp16 weights, or a plain state dict
   with the same names (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`...);
   the size is read off the tensor shapes, as OpenAI's own `build_model` does;
-- an open_clip checkpoint (LAION, DataComp, MetaCLIP, DFN: `open_clip_model.safetensors` or
-  `open_clip_pytorch_model.bin`, or the folder holding it): OpenAI's names, with the head width and the
-  activation, which the tensors do not show, read from the `open_clip_config.json` beside it;
+- an open_clip checkpoint (LAION, DataComp, MetaCLIP, DFN: `open_clip_model.safetensors`,
+  `open_clip_pytorch_model.bin`..., the folder holding it, or open_clip's own `epoch_N.pt`): OpenAI's
+  names, with the head width and the activation, which the tensors do not show, read from the
+  `open_clip_config.json` beside it;
 - a Hugging Face CLIP directory (`CLIPModel`, `CLIPVisionModel` or `CLIPVisionModelWithProjection`).
 The text tower in either file is skipped; every vision tensor is checked (gpt.load_checked).
 
@@ -325,22 +326,22 @@ def read_openai_state_dict(path):
         raw = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}  # DDP's prefix
     if not any(k.startswith("visual.") for k in raw) and "conv1.weight" in raw:
         raw = {"visual." + k: v for k, v in raw.items()}  # a bare vision tower saved on its own
+    if not (training or os.path.basename(path) in OPEN_CLIP_WEIGHTS):
+        return raw, None  # OpenAI's file (TorchScript as released, or any other name): OpenAI's conventions
     config_file = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
-    if os.path.isfile(config_file):
-        return raw, config_file
-    if training or os.path.basename(path) in OPEN_CLIP_WEIGHTS:
+    if not os.path.isfile(config_file):
         raise ValueError(f"{path}: an open_clip checkpoint, whose activation (GELU or QuickGELU) and head "
                          f"width are not in its tensors; put its {OPEN_CLIP_CONFIG} beside it (the hub "
                          "ships one; for your own run, open_clip's model_configs/<model>.json will do)")
-    return raw, None
+    return raw, config_file
 
 
 def read_openai_clip(path):
     """OpenAI CLIP archive or open_clip weights file -> (ViTConfig, state dict in our names, source,
     {our name: file's name}).
 
-    For OpenAI's files the sizes come from the tensor shapes, as in OpenAI's build_model. A file with
-    open_clip_config.json beside it is an open_clip checkpoint: the config gives what the tensors cannot."""
+    For OpenAI's files the sizes come from the tensor shapes, as in OpenAI's build_model. For open_clip's
+    (its file names, or its training checkpoint), the open_clip_config.json beside it gives them."""
     raw, config_file = read_openai_state_dict(path)
     if "visual.layer1.0.conv1.weight" in raw:
         raise ValueError(f"{path}: a ResNet CLIP checkpoint (RN50 family); only the ViT models are supported")
@@ -358,10 +359,11 @@ def read_openai_clip(path):
     if grid * grid + 1 != n_pos:
         raise ValueError(f"{path}: tensor 'visual.positional_embedding' has {n_pos} rows, not 1 + a square grid")
     blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
-    config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
-                       heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
     if config_file is not None:
         config = read_open_clip_config(config_file)
+    else:
+        config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
+                           heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
     return config, rename(visual, OPENAI_NAMES), path, file_names(OPENAI_NAMES, config.layers)
 
 
@@ -370,7 +372,8 @@ def read_openai_clip(path):
 # (80 for ViT-H/14, 88 for ViT-g/14, 104 for ViT-bigG/14; 64 at OpenAI) and the activation (exact GELU,
 # unless the config says quick_gelu). Its config file, which the hub puts beside the weights, says both.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # the hub's names, preferred first
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",  # open_clip's names,
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # in its order of preference
 OPEN_CLIP_SIZES = ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")  # read
 OPEN_CLIP_OPTIONS = {  # options our ViT does not have: loadable only at open_clip's defaults
     "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
@@ -391,12 +394,15 @@ OPEN_CLIP_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.2
 
 
 def is_open_clip_folder(path):
-    """A folder with open_clip_config.json and no Hugging Face CLIP config.json (the hub's LAION folders
-    have both: the Hugging Face weights are read then; timm's have a config.json of another kind)."""
+    """A folder with open_clip_config.json and no Hugging Face CLIP model (the hub's LAION folders have both:
+    the Hugging Face files are read then; timm's folders have a config.json of another kind)."""
     if not os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG)):
         return False
     hf_config = os.path.join(path, "config.json")
-    return not (os.path.isfile(hf_config) and read_json(hf_config).get("model_type") in ("clip", "clip_vision_model"))
+    hf_clip = os.path.isfile(hf_config) and read_json(hf_config).get("model_type") in ("clip", "clip_vision_model")
+    hf_weights = any(os.path.isfile(os.path.join(path, name)) for name in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    return not (hf_clip and hf_weights)
 
 
 def open_clip_weights(folder):
@@ -443,11 +449,14 @@ def read_open_clip_config(config_file):
             sizes[key] = sizes[key][0]
     if not isinstance(sizes["head_width"], int) or sizes["head_width"] <= 0 or sizes["width"] % sizes["head_width"]:
         raise ValueError(f"{config_file}: width {sizes['width']} is not a multiple of head_width {sizes['head_width']}")
-    return ViTConfig(image_size=sizes["image_size"], patch_size=sizes["patch_size"], width=sizes["width"],
-                     layers=sizes["layers"], heads=sizes["width"] // sizes["head_width"],
-                     mlp_ratio=int(sizes["width"] * sizes["mlp_ratio"]) / sizes["width"],  # open_clip truncates
-                     embed_dim=model_cfg["embed_dim"],
-                     act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", ln_eps=1e-5)
+    try:
+        return ViTConfig(image_size=sizes["image_size"], patch_size=sizes["patch_size"], width=sizes["width"],
+                         layers=sizes["layers"], heads=sizes["width"] // sizes["head_width"],
+                         mlp_ratio=int(sizes["width"] * sizes["mlp_ratio"]) / sizes["width"],  # open_clip truncates
+                         embed_dim=model_cfg["embed_dim"],
+                         act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", ln_eps=1e-5)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_file}: {e}") from None
 
 
 HF_VISION_DEFAULTS = {  # transformers' CLIPVisionConfig defaults, for keys an older config.json leaves out

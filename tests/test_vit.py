@@ -205,7 +205,7 @@ def open_clip_config(quick_gelu):
     heads of width 32 (3 heads; OpenAI's rule, width // 64, would give 1) and, unless quick_gelu, GELU."""
     return {"embed_dim": 16, "quick_gelu": quick_gelu,
             "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "head_width": 32, "patch_size": 8,
-                           "mlp_ratio": 2.5},
+                           "mlp_ratio": 2.51},  # 240.96: open_clip's MLP is int() of it wide, 240
             "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}}
 
 
@@ -284,6 +284,14 @@ def test_open_clip_needs_its_config(open_clip_models, tmp_path):
         (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(quick_gelu=False)))
         ours = ViT.from_pretrained(str(tmp_path / "epoch_3.pt"))
         assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
+    laion_folder = tmp_path / "laion"  # a Hugging Face CLIP config.json, but only open_clip's weights
+    laion_folder.mkdir()
+    for f in (file, file.parent / "open_clip_config.json"):
+        shutil.copy(f, laion_folder / f.name)
+    (laion_folder / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with torch.no_grad():
+        ours = ViT.from_pretrained(str(laion_folder))
+        assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
     timm_folder = tmp_path / "timm"  # timm's hub folders add a config.json of their own kind
     timm_folder.mkdir()
     for f in (file, file.parent / "open_clip_config.json"):
@@ -296,6 +304,19 @@ def test_open_clip_needs_its_config(open_clip_models, tmp_path):
     (tmp_path / "empty" / "open_clip_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="empty: has open_clip_config.json but no weights file"):
         ViT.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_openai_archive_beside_an_open_clip_config(openai_clip, open_clip_models, tmp_path):
+    """OpenAI's files keep OpenAI's conventions even in a folder that holds an open_clip config."""
+    ref, files = openai_clip
+    shutil.copy(open_clip_models[1]["gelu", "bin"].parent / "open_clip_config.json", tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    for fmt in ("plain", "torchscript"):
+        shutil.copy(files[fmt], tmp_path / f"ViT-{fmt}.pt")
+        ours = ViT.from_pretrained(str(tmp_path / f"ViT-{fmt}.pt"))
+        assert (ours.config.heads, ours.config.act) == (2, "quick_gelu")
+        with torch.no_grad():
+            assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
 
 
 def vision(**kw):
@@ -313,6 +334,7 @@ def vision(**kw):
     (vision(some_new_option=1), "'some_new_option' is not one this loader knows"),
     (vision(head_width=0), "head_width 0"),
     (vision(image_size=[32, 48]), r"image_size=\[32, 48\]: only square"),
+    (vision(image_size=36), "image_size 36 is not a multiple of patch_size 8"),
     (lambda cfg: cfg.update(model_cfg={"text_cfg": {}}), "not an open_clip config"),
 ])
 def test_open_clip_config_errors(open_clip_models, tmp_path, edit, message):
