@@ -284,22 +284,16 @@ def test_open_clip_needs_its_config(open_clip_models, tmp_path):
         (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(quick_gelu=False)))
         ours = ViT.from_pretrained(str(tmp_path / "epoch_3.pt"))
         assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
-    laion_folder = tmp_path / "laion"  # a Hugging Face CLIP config.json, but only open_clip's weights
-    laion_folder.mkdir()
-    for f in (file, file.parent / "open_clip_config.json"):
-        shutil.copy(f, laion_folder / f.name)
-    (laion_folder / "config.json").write_text(json.dumps({"model_type": "clip"}))
-    with torch.no_grad():
-        ours = ViT.from_pretrained(str(laion_folder))
-        assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
-    timm_folder = tmp_path / "timm"  # timm's hub folders add a config.json of their own kind
-    timm_folder.mkdir()
-    for f in (file, file.parent / "open_clip_config.json"):
-        shutil.copy(f, timm_folder / f.name)
-    (timm_folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224"}))
-    with torch.no_grad():
-        ours = ViT.from_pretrained(str(timm_folder))
-        assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL
+    # Hub folders with a config.json too: LAION's (a Hugging Face CLIP one; here without its weights)
+    # and timm's (of another kind). Both are read as open_clip folders.
+    for name, hf_config in (("laion", {"model_type": "clip"}), ("timm", {"architecture": "vit_base_patch16_clip_224"})):
+        (tmp_path / name).mkdir()
+        for f in (file, file.parent / "open_clip_config.json"):
+            shutil.copy(f, tmp_path / name / f.name)
+        (tmp_path / name / "config.json").write_text(json.dumps(hf_config))
+        with torch.no_grad():
+            ours = ViT.from_pretrained(str(tmp_path / name))
+            assert max_diff(ours.encode_image(pixels), ref.encode_image(pixels)) <= TOL, name
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "open_clip_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="empty: has open_clip_config.json but no weights file"):
