@@ -358,10 +358,10 @@ def read_openai_clip(path):
     grid = math.isqrt(n_pos - 1)
     if grid * grid + 1 != n_pos:
         raise ValueError(f"{path}: tensor 'visual.positional_embedding' has {n_pos} rows, not 1 + a square grid")
-    blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
     if config_file is not None:
         config = read_open_clip_config(config_file)
     else:
+        blocks = [int(m.group(1)) for k in visual if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))]
         config = ViTConfig(image_size=patch * grid, patch_size=patch, width=width, layers=max(blocks, default=-1) + 1,
                            heads=width // 64, embed_dim=visual["visual.proj"].shape[1], act="quick_gelu", ln_eps=1e-5)
     return config, rename(visual, OPENAI_NAMES), path, file_names(OPENAI_NAMES, config.layers)
@@ -432,12 +432,15 @@ def read_open_clip_config(config_file):
                                  f"{OPEN_CLIP_OPTIONS[key]!r}): this ViT would compute something else")
         elif key not in OPEN_CLIP_IGNORED and key not in OPEN_CLIP_SIZES:
             raise ValueError(f"{config_file}: vision_cfg option {key!r} is not one this loader knows")
-    for key, value in (cfg.get("preprocess_cfg") or {}).items():
-        want = OPEN_CLIP_PREPROCESS.get(key)
-        differs = (want is not None and value is not None
-                   and (value != want if isinstance(want, str) else not isinstance(value, (list, tuple))
-                        or len(value) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(value, want))))
-        if differs:  # the tower itself loads exactly; the pixels data.py gives it are what differs
+    preprocess = cfg.get("preprocess_cfg") or {}
+    for key, want in OPEN_CLIP_PREPROCESS.items():
+        value = preprocess.get(key)
+        if isinstance(want, str):
+            same = value in (None, want)
+        else:  # mean, std: three numbers, as printed to JSON
+            same = value is None or (isinstance(value, (list, tuple)) and len(value) == 3
+                                     and all(abs(a - b) <= 1e-6 for a, b in zip(value, want)))
+        if not same:  # the tower itself loads exactly; the pixels data.py gives it are what differs
             warnings.warn(f"{config_file}: preprocess_cfg {key}={value!r}, but data.clip_preprocess uses {want!r} "
                           "(OpenAI's CLIP preprocessing): this model was trained on other pixels", stacklevel=2)
     sizes = {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "head_width": 64, "mlp_ratio": 4.0,

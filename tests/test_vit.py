@@ -1,4 +1,5 @@
-"""vit.py: parity with Hugging Face CLIP, OpenAI's clip/model.py and open_clip, position interpolation, loader errors."""
+"""vit.py: parity with Hugging Face CLIP, OpenAI's clip/model.py and open_clip; position interpolation;
+loader errors."""
 import importlib.util
 import json
 import os
@@ -227,7 +228,8 @@ def open_clip_models(tmp_path_factory):
         sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
         for fmt, name in (("safetensors", "open_clip_model.safetensors"), ("bin", "open_clip_pytorch_model.bin")):
             d = tmp_path_factory.mktemp(f"open_clip_{act}_{fmt}")
-            (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": OPENAI_PREPROCESS}))
+            hub_config = {"model_cfg": cfg, "preprocess_cfg": OPENAI_PREPROCESS}
+            (d / "open_clip_config.json").write_text(json.dumps(hub_config))
             save_file(sd, str(d / name)) if fmt == "safetensors" else torch.save(sd, d / name)
             out[act, fmt] = d / name
         out[act] = ref
