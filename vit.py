@@ -23,7 +23,7 @@ Loaders (`ViT.from_pretrained`) read the formats users have on disk, by explicit
   names, with the head width and the activation, which the tensors do not show, read from the
   `open_clip_config.json` beside it;
 - a Hugging Face CLIP directory (`CLIPModel`, `CLIPVisionModel` or `CLIPVisionModelWithProjection`).
-The text tower in either file is skipped; every vision tensor is checked (gpt.load_checked).
+The text tower in any of these files is skipped; every vision tensor is checked (gpt.load_checked).
 
 `python vit.py PATH --image photo.jpg [--compare]` is the sanity check for a downloaded checkpoint.
 """
