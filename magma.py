@@ -64,7 +64,7 @@ class MagmaConfig:
     lm: a GPTConfig, or the path of a Hugging Face GPT directory (gpt.GPT.from_pretrained).
     vit: a ViTConfig, a preset name from vit.PRESETS (random init), or a CLIP checkpoint path.
     tokenizer: "byte" (tokenizer.ByteTokenizer), {"merges": [[a, b], ...]} (a merge table learned with
-        tokenizer.train_bpe), a GPT-2 tokenizer directory, or None = the lm path when lm is a path,
+        tokenizer.train_bpe), a tokenizer directory or tokenizer.json file, or None = the lm path when lm is a path,
         else "byte".
     The defaults build a tiny random model with MAGMA's adapters, for tests and smoke runs.
     """
@@ -125,7 +125,7 @@ def vit_from_spec(spec, image_size=None):
 
 def tokenizer_from_spec(spec):
     """"byte" -> ByteTokenizer; {"merges": ...} -> the BPE tokenizer of that merge table; anything else
-    is a GPT-2 tokenizer directory."""
+    is a tokenizer directory (GPT-2's files or a tokenizer.json) or a tokenizer.json file."""
     if spec == "byte":
         return ByteTokenizer()
     if isinstance(spec, dict):

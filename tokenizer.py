@@ -1,5 +1,7 @@
 """
-GPT-2's byte-level BPE tokenizer, from scratch, standard library only; plus a byte tokenizer.
+GPT-2's byte-level BPE tokenizer, from scratch, standard library only; plus a byte tokenizer. The same
+code reads GPT-J's files and GPT-NeoX / Pythia's tokenizer.json (the same kind of BPE, plus a Unicode
+normalization and added tokens for runs of spaces).
 
 The story, top to bottom:
   1. bytes <-> printable unicode characters (so every byte sequence is a string of "symbols"),
@@ -7,8 +9,9 @@ The story, top to bottom:
      needs, built from `unicodedata` because Python's `re` has no \\p{L} or \\p{N},
   3. the pattern itself, which cuts text into words before BPE ever sees it,
   4. BPE: merge the adjacent pair with the lowest merge rank until no pair is in the merge table,
-  5. `Tokenizer` (reads the public files) and `ByteTokenizer` (256 bytes + <|endoftext|>, for tiny
-     models trained from scratch), which share one interface:
+  5. `Tokenizer` (reads the public files: vocab.json + merges.txt, or tokenizer.json) and
+     `ByteTokenizer` (256 bytes + <|endoftext|>, for tiny models trained from scratch), which share
+     one interface:
         encode(text, allowed_special=()) -> list[int]
         decode(ids, skip_special=False) -> str
         eos_id, vocab_size, special_tokens
@@ -20,7 +23,7 @@ caption that happens to contain it must not end a sequence), like tiktoken's `en
 Pass allowed_special="all", or a set of names, to have those strings become their single id.
 `decode` writes special tokens out as their text, or drops them with skip_special=True.
 
-    python tokenizer.py PATH --text "Hello world"     # ids and pieces (PATH: directory or "byte")
+    python tokenizer.py PATH --text "Hello world"     # ids and pieces (PATH: directory, tokenizer.json or "byte")
 """
 
 import argparse
@@ -194,26 +197,43 @@ def _encodable(text):
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _split_special(text, allowed_special, special_tokens):
-    """Cut text around the allowed special tokens: a list of (chunk, special id or None)."""
+def _allowed(allowed_special, special_tokens):
+    """The set of special token strings that encode(text, allowed_special) may match."""
+    if allowed_special == "all":
+        return set(special_tokens)
+    if isinstance(allowed_special, str) or not isinstance(allowed_special, collections.abc.Iterable):
+        raise ValueError(f'allowed_special must be "all" or a set of token strings, got {allowed_special!r}')
+    allowed = set(allowed_special)
+    unknown = allowed - set(special_tokens)
+    if unknown:
+        raise ValueError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(special_tokens)}")
+    return allowed
+
+
+def _split_on(text, tokens):
+    """Cut text around occurrences of the given tokens ({string: id}): a list of (piece, None) and
+    (token, id), leftmost match first, and the longest one where several start at the same place (so
+    that a token that is a prefix of another cannot cut it)."""
+    if not tokens:
+        return [(text, None)] if text else []
+    splitter = re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
+    pieces = splitter.split(text)  # odd positions are the tokens themselves
+    return [(p, tokens[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
+
+
+def _check_text(text):
     if not isinstance(text, str):
         raise TypeError(f"encode expects a str, got {type(text).__name__}")
-    text = _encodable(text)
-    if allowed_special == "all":
-        allowed = set(special_tokens)
-    elif isinstance(allowed_special, str) or not isinstance(allowed_special, collections.abc.Iterable):
-        raise ValueError(f'allowed_special must be "all" or a set of token strings, got {allowed_special!r}')
-    else:
-        allowed = set(allowed_special)
-        unknown = allowed - set(special_tokens)
-        if unknown:
-            raise ValueError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(special_tokens)}")
-    if not allowed:
-        return [(text, None)]
-    # longest first, so that one special token that is a prefix of another cannot cut it
-    splitter = re.compile("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")")
-    pieces = splitter.split(text)  # odd positions are the special tokens themselves
-    return [(p, special_tokens[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
+    return _encodable(text)
+
+
+def _token_bytes(token):
+    """What a token decodes to, by the rule of Hugging Face's byte-level decoder: its byte symbols'
+    bytes if every character is one ("Ġworld", "<|endoftext|>"), else its own UTF-8 (only added tokens
+    can be spelled otherwise, such as NeoX's runs of spaces "   ")."""
+    if all(c in BYTE_DECODER for c in token):
+        return bytes(BYTE_DECODER[c] for c in token)
+    return token.encode("utf-8")
 
 
 def _check_ids(ids, vocab_size):
@@ -237,43 +257,66 @@ def _check_ids(ids, vocab_size):
     return ids
 
 
-class Tokenizer:
-    """GPT-2 byte-level BPE: vocabulary (symbol string -> id), merges in rank order, special tokens."""
+# The options of tokenizer.json's BPE model that would change its result, with the value byte-level BPE
+# has; for the prefix and suffix, "" means the same as null.
+BPE_OPTIONS = {"dropout": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
+               "byte_fallback": False, "ignore_merges": False}
 
-    def __init__(self, encoder, merges, special_tokens=None):
+
+class Tokenizer:
+    """Byte-level BPE, the tokenizer of GPT-2, GPT-J and GPT-NeoX / Pythia: a vocabulary (byte-symbol
+    string -> id), merges in rank order, and added tokens, cut out of the text before BPE sees it.
+    Special added tokens ("<|endoftext|>") are cut out only when encode's allowed_special names them;
+    the others (NeoX's runs of 2 to 24 spaces) always are, as in Hugging Face `tokenizers`.
+    A tokenizer.json may add three things GPT-2's files cannot say:
+      normalizer        a Unicode normal form ("NFC" for NeoX) applied to the text first,
+      normalized        the added tokens that are looked for after normalizing rather than before,
+      add_prefix_space  a space put in front of each piece of text that lacks one ("Hello" -> " Hello"),
+    and use_regex=False, which skips GPT-2's pre-tokenization pattern (each piece is one BPE word)."""
+
+    def __init__(self, encoder, merges, special_tokens=None, added_tokens=None, normalized=(), normalizer=None,
+                 add_prefix_space=False, use_regex=True):
         # encoder: {"Ġworld": 995, ...}; merges: [("Ġ", "t"), ...], first = merged first (rank 0)
         self.encoder = dict(encoder)
         self.merges = [tuple(pair) for pair in merges]
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         if special_tokens is None:
             special_tokens = {EOT: self.encoder[EOT]} if EOT in self.encoder else {}
-        self.special_tokens = dict(special_tokens)
-        # id -> bytes, for decoding (specials decode to their own text)
-        self.decoder = {
-            i: bytes(BYTE_DECODER[c] for c in tok) for tok, i in self.encoder.items() if tok not in self.special_tokens
-        }
-        self.decoder.update({i: tok.encode("utf-8") for tok, i in self.special_tokens.items()})
+        self.special_tokens = dict(special_tokens)  # {token: id}, matched when allowed
+        self.added_tokens = {**(added_tokens or {}), **self.special_tokens}  # {token: id}, specials included
+        self.normalized = frozenset(normalized)
+        self.normalizer = normalizer  # None or a form for unicodedata.normalize
+        self.add_prefix_space, self.use_regex = add_prefix_space, use_regex
+        # id -> bytes, for decoding (where an added token shares its id with a vocabulary token, as in
+        # `tokenizers`, the added token's spelling decides)
+        self.decoder = {i: _token_bytes(tok) for tok, i in {**self.encoder, **self.added_tokens}.items()}
         self.vocab_size = max(self.decoder) + 1
         self.eos_id = self.special_tokens.get(EOT)
         self.cache = {}  # word -> ids; words repeat a lot in real text
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a GPT-2 tokenizer directory: vocab.json + merges.txt (Hugging Face names) or
-        encoder.json + vocab.bpe (OpenAI names); an added_tokens.json next to them adds special tokens."""
+        """Load a tokenizer directory, or a tokenizer.json file. In a directory, the first that is there:
+          vocab.json + merges.txt (Hugging Face names) or encoder.json + vocab.bpe (OpenAI names), with
+            an optional added_tokens.json of special tokens: GPT-2's files;
+          tokenizer.json: the Hugging Face `tokenizers` file, which GPT-NeoX and Pythia ship alone
+            (see from_tokenizer_json)."""
+        if os.path.isfile(path) and path.endswith(".json"):
+            return cls.from_tokenizer_json(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no tokenizer directory or tokenizer.json file at {path!r}")
         conventions = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
         for vocab_name, merges_name in conventions:
             vocab_file, merges_file = os.path.join(path, vocab_name), os.path.join(path, merges_name)
             if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
                 break
         else:
-            looked_for = " or ".join(f"{v} + {m}" for v, m in conventions)
+            if os.path.isfile(os.path.join(path, "tokenizer.json")):
+                return cls.from_tokenizer_json(os.path.join(path, "tokenizer.json"))
+            looked_for = " or ".join(f"{v} + {m}" for v, m in conventions) + " or tokenizer.json"
             found = [name for pair in conventions for name in pair if os.path.isfile(os.path.join(path, name))]
             found = f" (found only {', '.join(found)})" if found else ""
-            if os.path.isfile(os.path.join(path, "tokenizer.json")):  # e.g. Pythia / GPT-NeoX folders
-                found += ("; its tokenizer.json (the Hugging Face `tokenizers` format, which GPT-NeoX and Pythia "
-                          "ship alone) is not read by this GPT-2 tokenizer")
-            raise FileNotFoundError(f"no GPT-2 tokenizer files in {path!r}: looked for {looked_for}{found}")
+            raise FileNotFoundError(f"no tokenizer files in {path!r}: looked for {looked_for}{found}")
         encoder = _read_json(vocab_file)
         merges = _read_merges(merges_file)
         added_file = os.path.join(path, "added_tokens.json")
@@ -284,6 +327,60 @@ class Tokenizer:
         _check_added(added, encoder, added_file)
         special_tokens = {EOT: encoder[EOT], **added}
         return cls(encoder, merges, special_tokens)
+
+    @classmethod
+    def from_tokenizer_json(cls, file):
+        """Read a Hugging Face tokenizer.json that describes byte-level BPE: model BPE, pre-tokenizer
+        ByteLevel, decoder ByteLevel, normalizer none or a Unicode normal form, added tokens without
+        lstrip / rstrip / single_word. Whatever else the format can describe (WordPiece, Unigram,
+        SentencePiece's Metaspace, a custom Split pattern, BPE dropout, byte fallback) is refused by
+        name, never read half-way. Left out on purpose: the post-processor (it only adds tokens such
+        as a BOS when `tokenizers` is asked for add_special_tokens, which encode here never does) and
+        the truncation and padding settings."""
+        spec = _load_json(file)
+
+        def refuse(what):
+            raise ValueError(f"{file}: {what}; only byte-level BPE (as GPT-2, GPT-J and GPT-NeoX / Pythia use "
+                             "it) is read")
+
+        def kind(component):  # "ByteLevel", None for null, or what is wrong
+            if component is None:
+                return None
+            return component.get("type", "an object without a type") if isinstance(component, dict) else component
+
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if isinstance(model, dict) and model.get("type", "BPE") != "BPE":
+            refuse(f"model type {model['type']!r}")
+        if not isinstance(model, dict) or not {"vocab", "merges"} <= set(model):
+            refuse('no "model" object with "vocab" and "merges" (is this a tokenizer.json?)')
+        for option, default in BPE_OPTIONS.items():
+            value = model.get(option, default)
+            if value != default and not (value == "" and option.endswith("fix")):  # "" is null's twin
+                refuse(f"model option {option} = {value!r} (byte-level BPE has {json.dumps(default)})")
+        pre = spec.get("pre_tokenizer")
+        if kind(pre) != "ByteLevel":
+            refuse(f"pre_tokenizer {kind(pre)!r} (byte-level BPE has 'ByteLevel')")
+        if kind(spec.get("decoder")) != "ByteLevel":
+            refuse(f"decoder {kind(spec.get('decoder'))!r} (byte-level BPE has 'ByteLevel')")
+        normalizer = kind(spec.get("normalizer"))
+        if normalizer not in (None, "NFC", "NFD", "NFKC", "NFKD"):
+            refuse(f"normalizer {normalizer!r} (read: none, NFC, NFD, NFKC or NFKD)")
+        flags = {name: pre.get(name, default) for name, default in (("add_prefix_space", False), ("use_regex", True))}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                refuse(f"pre_tokenizer {name} = {value!r} (expected true or false)")
+
+        encoder = _check_token_table(model["vocab"], f"{file} (model.vocab)")
+        merges = _merges_from_json(model["merges"], file)
+        added, specials, normalized = _added_from_json(spec.get("added_tokens", []), file)
+        _check_vocabulary(encoder, merges, file, file, specials=set(added))
+        _check_added(added, encoder, file)
+        special_tokens = {EOT: encoder[EOT]} if EOT in encoder else {}
+        special_tokens.update({t: i for t, i in added.items() if t in specials})
+        if EOT not in special_tokens:
+            raise ValueError(f"{file} has no {EOT} token (needed as the end-of-text id)")
+        return cls(encoder, merges, special_tokens, added_tokens=added, normalized=normalized,
+                   normalizer=normalizer, **flags)
 
     @classmethod
     def from_merges(cls, merges):
@@ -306,13 +403,33 @@ class Tokenizer:
         """text -> token ids. Special tokens become their one id only if named in allowed_special
         ("all" or a set of strings); otherwise they are encoded as plain text."""
         ids = []
-        for chunk, special_id in _split_special(text, allowed_special, self.special_tokens):
-            if special_id is not None:
-                ids.append(special_id)
+        for piece, token_id in self._split(text, allowed_special):
+            if token_id is not None:
+                ids.append(token_id)
                 continue
-            for word in pretokenize(chunk):
+            if self.add_prefix_space and not piece.startswith(" "):
+                piece = " " + piece
+            for word in pretokenize(piece) if self.use_regex else [piece]:
                 ids.extend(self._encode_word(word))
         return ids
+
+    def _split(self, text, allowed_special):
+        """text -> [(piece, None) or (added token, id)], in the order of Hugging Face `tokenizers`: the
+        added tokens looked for in the raw text are cut out first; each piece left is normalized; then
+        the added tokens looked for in normalized text are cut out of it."""
+        allowed = _allowed(allowed_special, self.special_tokens)
+        wanted = {t: i for t, i in self.added_tokens.items() if t in allowed or t not in self.special_tokens}
+        raw = {t: i for t, i in wanted.items() if t not in self.normalized}
+        after = {t: i for t, i in wanted.items() if t in self.normalized}
+        out = []
+        for piece, token_id in _split_on(_check_text(text), raw):
+            if token_id is not None:
+                out.append((piece, token_id))
+                continue
+            if self.normalizer:
+                piece = unicodedata.normalize(self.normalizer, piece)
+            out.extend(_split_on(piece, after))
+        return out
 
     def _encode_word(self, word):
         if word not in self.cache:
@@ -344,9 +461,10 @@ class ByteTokenizer:
 
     def encode(self, text, allowed_special=()):
         """text -> UTF-8 byte values (allowed special tokens become their id, as in Tokenizer.encode)."""
+        allowed = {t: i for t, i in self.special_tokens.items() if t in _allowed(allowed_special, self.special_tokens)}
         ids = []
-        for chunk, special_id in _split_special(text, allowed_special, self.special_tokens):
-            ids.extend([special_id] if special_id is not None else chunk.encode("utf-8"))
+        for piece, special_id in _split_on(_check_text(text), allowed):
+            ids.extend([special_id] if special_id is not None else piece.encode("utf-8"))
         return ids
 
     def decode(self, ids, skip_special=False):
@@ -403,29 +521,79 @@ def train_bpe(texts, max_merges):
 # file readers: every problem is one error that names the file
 
 
-def _read_json(file):
-    def no_repeats(pairs):  # json.load would keep the last of two entries for one token, silently
+def _load_json(file):
+    """A JSON file, or one ValueError naming it. An object that lists one key twice is an error:
+    json.load would keep the last entry for a token silently."""
+    def no_repeats(pairs):
         table = {}
         for key, value in pairs:
             if key in table:
-                raise ValueError(f"{file}: token {key!r} is listed twice")
+                raise ValueError(f"{file}: {key!r} is listed twice")
             table[key] = value
         return table
 
     try:  # utf-8-sig: a byte-order mark some editors write is not part of the first token
         with open(file, encoding="utf-8-sig") as f:
-            table = json.load(f, object_pairs_hook=no_repeats)
+            return json.load(f, object_pairs_hook=no_repeats)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read token table {file}: {e}") from None
+        raise ValueError(f"cannot read {file}: {e}") from None
+
+
+def _check_token_table(table, where):
+    """table must be {token: integer id >= 0}, with no id given twice."""
     # (JSON's true is a Python bool, and bool is an int: refuse it by name)
     if not isinstance(table, dict) or not all(type(v) is int and v >= 0 for v in table.values()):
-        raise ValueError(f"{file} is not a JSON object of token -> integer id (>= 0)")
+        raise ValueError(f"{where} is not a JSON object of token -> integer id (>= 0)")
     ids = {}
     for token, i in table.items():  # two tokens with one id: decode could give only one of them
         if i in ids:
-            raise ValueError(f"{file}: tokens {ids[i]!r} and {token!r} have the same id {i}")
+            raise ValueError(f"{where}: tokens {ids[i]!r} and {token!r} have the same id {i}")
         ids[i] = token
     return table
+
+
+def _read_json(file):
+    return _check_token_table(_load_json(file), file)
+
+
+def _merges_from_json(merges, file):
+    """tokenizer.json's merges: ["Ġ t", ...] (older files) or [["Ġ", "t"], ...] (newer ones)."""
+    if not isinstance(merges, list):
+        raise ValueError(f"{file}: model.merges is not a list")
+    pairs, seen = [], set()
+    for rank, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
+            raise ValueError(f"{file}: merge #{rank} {merge!r} is not two tokens ('a b' or [\"a\", \"b\"])")
+        if tuple(pair) in seen:
+            raise ValueError(f"{file}: merge #{rank} {merge!r} is listed twice")
+        seen.add(tuple(pair))
+        pairs.append(tuple(pair))
+    return pairs
+
+
+def _added_from_json(entries, file):
+    """tokenizer.json's added_tokens -> ({token: id}, the special ones, the ones matched after
+    normalizing). lstrip, rstrip and single_word change where a token matches: refused, not ignored."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{file}: added_tokens is not a list")
+    added, specials, normalized = {}, set(), set()
+    for n, entry in enumerate(entries):
+        token, i = (entry.get("content"), entry.get("id")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(token, str) and token and type(i) is int and i >= 0):
+            raise ValueError(f"{file}: added_tokens[{n}] needs a non-empty \"content\" and an integer \"id\" >= 0")
+        for flag in ("lstrip", "rstrip", "single_word"):
+            if entry.get(flag, False):
+                raise ValueError(f"{file}: added token {token!r} has {flag} = true, which this tokenizer does "
+                                 "not implement (byte-level BPE files do not use it)")
+        if token in added or i in added.values():
+            raise ValueError(f"{file}: added token {token!r} (id {i}) repeats an earlier added token or id")
+        added[token] = i
+        if entry.get("special", False):
+            specials.add(token)
+        if entry.get("normalized", not entry.get("special", False)):  # the default in `tokenizers`
+            normalized.add(token)
+    return added, specials, normalized
 
 
 def _read_merges(file):
@@ -475,26 +643,29 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,))
 
 
 def _check_added(added, encoder, added_file):
-    """added_tokens.json may name new special tokens, or repeat a vocabulary token with its own id; it may
-    not give an id that another token has (decode would write the wrong text) or rename an id."""
-    token_of = {i: t for t, i in encoder.items()}  # ids are unique (_read_json checked)
+    """Added tokens may be new, or repeat a vocabulary token with its own id; one may not take an id
+    that a vocabulary token with other bytes has (decode would write the wrong text), or rename an id."""
+    token_of = {i: t for t, i in encoder.items()}  # ids are unique (_check_token_table checked)
     for token, i in added.items():
         if not token:
             raise ValueError(f"{added_file}: an added token with an empty name (id {i})")
         if token in encoder and encoder[token] != i:
             raise ValueError(f"{added_file}: {token!r} has id {i}, but {encoder[token]} in the vocabulary")
-        if token_of.get(i, token) != token:
-            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {token_of[i]!r}'s")
+        other = token_of.get(i, token)
+        if other != token and _token_bytes(other) != _token_bytes(token):
+            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {other!r}'s")
 
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
-        description="Encode text with a GPT-2 tokenizer directory (or the byte tokenizer) and show the pieces."
+        description="Encode text with a byte-level BPE tokenizer (GPT-2, GPT-J, GPT-NeoX / Pythia) or the byte "
+                    "tokenizer, and show the pieces."
     )
     parser.add_argument(
-        "path", help='tokenizer directory (vocab.json + merges.txt or encoder.json + vocab.bpe), or "byte"'
+        "path", help='tokenizer directory (vocab.json + merges.txt, encoder.json + vocab.bpe, or tokenizer.json), a '
+             'tokenizer.json file, or "byte"'
     )
     parser.add_argument("--text", default="Hello world, don't panic! ½ ² 👋🏽", help="text to encode")
     parser.add_argument(

@@ -85,7 +85,7 @@ class TrainConfig:
     vit_layers: int = opt(2, "tiny ViT: layers")
     vit_heads: int = opt(4, "tiny ViT: attention heads")
     tokenizer: str = opt("", "'' = 'bpe' for the tiny LM, the LM's own for a pretrained one; 'bpe' (merges "
-                             "learned from the training texts), 'byte', or a GPT-2 tokenizer directory")
+                             "learned from the training texts), 'byte', or a tokenizer directory or tokenizer.json")
     bpe_merges: int = opt(1000, "tiny LM, 'bpe': at most this many merges (learning stops when no pair "
                                 "occurs twice)")
     adapter_kind: str = opt("sequential", "sequential | parallel | scaled_parallel | lora")
@@ -282,9 +282,10 @@ def check_paths(cfg):
         bad_flag(cfg, "lm", f"{what} (a Hugging Face GPT directory, or 'tiny')")
     if cfg.vit != "tiny" and cfg.vit not in VIT_PRESETS and not os.path.exists(cfg.vit):
         bad_flag(cfg, "vit", f"no such file or folder (a CLIP checkpoint, 'tiny' or a preset: {', '.join(VIT_PRESETS)})")
-    if cfg.tokenizer not in ("", "bpe", "byte") and not os.path.isdir(cfg.tokenizer):
-        what = "is a file, not a folder" if os.path.exists(cfg.tokenizer) else "no such folder"
-        bad_flag(cfg, "tokenizer", f"{what} (a GPT-2 tokenizer directory, 'bpe' or 'byte')")
+    tokenizer_file = cfg.tokenizer.endswith(".json") and os.path.isfile(cfg.tokenizer)
+    if cfg.tokenizer not in ("", "bpe", "byte") and not (os.path.isdir(cfg.tokenizer) or tokenizer_file):
+        what = "is a file, but not a .json one" if os.path.exists(cfg.tokenizer) else "no such folder or file"
+        bad_flag(cfg, "tokenizer", f"{what} (a tokenizer directory, a tokenizer.json file, 'bpe' or 'byte')")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -406,6 +406,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]  # old file intact, no debris
 
 
+def test_a_pythia_folder_with_only_tokenizer_json(tmp_path):
+    """GPT-NeoX / Pythia folders ship their tokenizer as tokenizer.json alone: Magma reads it from the LM's
+    folder, encodes as Hugging Face `tokenizers` does, and a saved checkpoint finds it there again."""
+    transformers = pytest.importorskip("transformers")
+    from test_tokenizer import hf_tokenizer, neox_style_json, write_tokenizer_json
+    spec = neox_style_json()
+    hf_tok = hf_tokenizer(spec)
+    config = transformers.GPTNeoXConfig(vocab_size=hf_tok.get_vocab_size(with_added_tokens=True) + 3,
+                                        hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25)
+    torch.manual_seed(0)
+    lm_dir = str(tmp_path / "pythia")
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(lm_dir)
+    write_tokenizer_json(lm_dir, spec)
+    model = Magma.from_pretrained(lm=lm_dir, vit=write_openai_vit(tmp_path / "clip.pt", seed=1)).eval()
+    prompt = "A photo of  two cats."
+    assert model.tokenizer.encode(prompt) == hf_tok.encode(prompt, add_special_tokens=False).ids
+    assert model.tokenizer.eos_id == 0 and model.config.tokenizer == lm_dir
+    image = Image.new("RGB", (20, 16), (255, 0, 0))
+    rows = model.generate_ids([[image, prompt]], max_new_tokens=6, temperature=0, eos=False)
+    text = model.generate([[image, prompt]], max_new_tokens=6, temperature=0, eos=False)
+    assert text == [hf_tok.decode(rows[0], skip_special_tokens=False)]
+    model.save(str(tmp_path / "magma.pt"))
+    same_outputs(model, Magma.load(str(tmp_path / "magma.pt")))
+
+
 def test_save_load_onto_public_checkpoints(tmp_path):
     lm_dir, vit_file = write_hf_gpt2(tmp_path / "gpt2", seed=1), write_openai_vit(tmp_path / "clip.pt", seed=2)
     model = Magma.from_pretrained(lm=lm_dir, vit=vit_file, tokenizer="byte", freeze_vit=True)

@@ -350,8 +350,8 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
     shutil.copy(hf_dir / "vocab.json", only_vocab / "vocab.json")
     with pytest.raises(FileNotFoundError, match=r"merges.txt.*\(found only vocab.json\)"):
         Tokenizer.from_pretrained(str(only_vocab))
-    (only_vocab / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"tokenizer.json \(the Hugging Face `tokenizers` format.*not read"):
+    (only_vocab / "tokenizer.json").write_text("{}")  # with no GPT-2 pair, tokenizer.json is read instead
+    with pytest.raises(ValueError, match=r"only_vocab/tokenizer.json: no \"model\" object"):
         Tokenizer.from_pretrained(str(only_vocab))
 
     def broken(vocab_text=None, merges_text=None):
@@ -374,7 +374,7 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
         Tokenizer.from_pretrained(broken(vocab_text=json.dumps({**vocab, "raw space": 60000})))
     # files that would load and then give wrong tokens or wrong text
     for vocab_text, message in [({**vocab, "Ġzzzzqq": 995}, "tokens 'Ġworld' and 'Ġzzzzqq' have the same id 995"),
-                                ('{"a": 1, "b": 2, "a": 3}', "token 'a' is listed twice"),
+                                ('{"a": 1, "b": 2, "a": 3}', "'a' is listed twice"),
                                 ('{"a": true}', "integer id"), ('{"a": -1}', "integer id")]:
         text = vocab_text if isinstance(vocab_text, str) else json.dumps(vocab_text)
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -389,6 +389,176 @@ def test_missing_and_broken_files_raise_clear_errors(data_dir, hf_dir, tmp_path)
     del vocab["<|endoftext|>"]
     with pytest.raises(ValueError, match="endoftext"):
         Tokenizer.from_pretrained(broken(vocab_text=json.dumps(vocab)))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.json (GPT-NeoX / Pythia ship only this), against Hugging Face `tokenizers` itself
+
+NEOX_SPACES = [" " * n for n in range(24, 1, -1)]  # NeoX's added runs of 2..24 spaces (non-special, normalized)
+
+
+def neox_style_json(vocab_size=600):
+    """A tokenizer.json in GPT-NeoX's form, trained in-process with `tokenizers`: NFC, byte-level BPE,
+    <|endoftext|> = 0 and <|padding|> = 1 as special tokens, runs of spaces as plain added tokens."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(list(CASES.values()) * 3 + random_texts(seed=7, count=300), trainer)
+    hf.add_tokens([AddedToken(run, normalized=True) for run in NEOX_SPACES])
+    # Three more, not NeoX's. Two tell the matching passes apart: "kōan" is looked for after NFC (so
+    # "ko\u0304an" matches it, "kōan\u0303" does not: NFC makes "ñ"), "q\u0304!" before NFC. The third
+    # is spelled in byte symbols only, so it decodes as their bytes: "<é>" -> b"<\xe9>" -> "<\ufffd>".
+    hf.add_tokens([AddedToken("k\u014dan", normalized=True), AddedToken("q\u0304!", normalized=False),
+                   AddedToken("<\u00e9>", normalized=False)])
+    return json.loads(hf.to_str())
+
+
+def write_tokenizer_json(directory, spec):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    return os.path.join(directory, "tokenizer.json")
+
+
+def hf_tokenizer(spec, special_as_text=False):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(json.dumps(spec))
+    hf.encode_special_tokens = special_as_text  # True: specials are plain text, like our default
+    return hf
+
+
+def with_changes(spec, **changes):
+    """A deep copy of a tokenizer.json dict with some top-level or model.* entries replaced."""
+    spec = json.loads(json.dumps(spec))
+    for key, value in changes.items():
+        where, key = (spec["model"], key[len("model_"):]) if key.startswith("model_") else (spec, key)
+        where[key] = value
+    return spec
+
+
+@pytest.fixture(scope="module")
+def neox_spec():
+    return neox_style_json()
+
+
+TEXTS_WITH_ADDED_TOKENS = [
+    "a<|endoftext|>b  c      d<|padding|>\n    e",
+    "<|endoftext|><|endoftext|>x",
+    "def f():\n        return  1  # two   spaces" + " " * 30 + "end",
+    "e\u0301 cafe\u0301<|endoftext|>\u0301 A\u030a",  # NFC composes; a combining mark after a special token
+    "ko\u0304an k\u014dan q\u0304! q\u0304 ko\u0304a k\u014dan\u0303",
+    "a<\u00e9>b",
+]
+
+VARIANTS = {  # each a way GPT-family files differ; "NFKC" only on the hand-written texts (see below)
+    "neox": {},
+    "prefix space": dict(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                        "use_regex": True}),
+    "no regex": dict(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                    "use_regex": False}),
+    "no normalizer": dict(normalizer=None),
+    "NFKC": dict(normalizer={"type": "NFKC"}),
+    "added tokens in the vocabulary": {},  # as some hub files also list them in model.vocab, same ids
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tokenizer_json_matches_tokenizers(neox_spec, variant, tmp_path):
+    spec = with_changes(neox_spec, **VARIANTS[variant])
+    if variant == "neox":  # older files (Pythia's) write each merge as one "a b" string
+        spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
+    if variant == "added tokens in the vocabulary":
+        spec["model"]["vocab"].update({entry["content"]: entry["id"] for entry in spec["added_tokens"]})
+    ours = Tokenizer.from_pretrained(os.path.dirname(write_tokenizer_json(tmp_path, spec)))
+    hf, hf_plain = hf_tokenizer(spec), hf_tokenizer(spec, special_as_text=True)
+    texts = list(CASES.values()) + TEXTS_WITH_ADDED_TOKENS + ["ﬁ ① ｶﾀｶﾅ x² Ⅻ ½ \u212b"]
+    if variant != "NFKC":  # NFKC tables differ between Unicode versions: Python's and the Rust crate's
+        texts += random_texts(seed=8, count=300)
+    for text in texts:
+        assert ours.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids, repr(text)
+        assert ours.encode(text) == hf_plain.encode(text, add_special_tokens=False).ids, repr(text)
+    assert ours.eos_id == 0 and ours.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+    if variant == "neox":  # the whole run of spaces is one added token, cut out before the pattern sees it
+        assert ours.encode("a" + " " * 10 + "b") == [hf.token_to_id(t) for t in ("a", " " * 10, "b")]
+
+
+def test_tokenizer_json_decodes_like_tokenizers(neox_spec, tmp_path):
+    ours = Tokenizer.from_pretrained(write_tokenizer_json(tmp_path, neox_spec))  # the file itself also works
+    hf = hf_tokenizer(neox_spec)
+    rng = random.Random(9)
+    n = hf.get_vocab_size(with_added_tokens=True)
+    for _ in range(300):
+        ids = [rng.randrange(n) for _ in range(rng.randint(1, 8))]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special=skip) == hf.decode(ids, skip_special_tokens=skip), ids
+    for text in list(CASES.values()) + TEXTS_WITH_ADDED_TOKENS[:-1]:  # round trip, as far as NFC allows
+        assert ours.decode(ours.encode(text, allowed_special="all")) == unicodedata.normalize("NFC", text)
+    assert ours.decode(ours.encode("a<\u00e9>b")) == "a<\ufffd>b"  # b"<\xe9>", as in `tokenizers`
+
+
+def test_gpt2_vocabulary_as_tokenizer_json_matches_tiktoken(data_dir, tok, ref, tmp_path):
+    """The GPT-2 hub folder's tokenizer.json, rebuilt from the real vocabulary with `tokenizers`."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab, merges = os.path.join(data_dir, "encoder.json"), os.path.join(data_dir, "vocab.bpe")
+    hf = HFTokenizer(models.BPE.from_file(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_pretrained(str(tmp_path))
+    assert ours.encoder == tok.encoder and ours.merges == tok.merges and ours.eos_id == 50256
+    for text in list(CASES.values()) + random_texts(seed=10, count=100):
+        assert ours.encode(text) == ref.encode_ordinary(text) == tok.encode(text), repr(text)
+
+
+def test_tokenizer_json_refuses_what_it_does_not_implement(neox_spec, tmp_path):
+    eot_renamed = with_changes(neox_spec)
+    eot_renamed["added_tokens"][0]["content"] = "<|eos|>"
+    eot_renamed["model"]["vocab"]["<|eos|>"] = eot_renamed["model"]["vocab"].pop("<|endoftext|>")
+    lstrip = with_changes(neox_spec)
+    lstrip["added_tokens"][1]["lstrip"] = True
+    clash = with_changes(neox_spec)
+    clash["added_tokens"][-1]["id"] = neox_spec["model"]["vocab"]["Ġ"]  # "  " would decode as " "
+    vocab = neox_spec["model"]["vocab"]
+    cases = [
+        (with_changes(neox_spec, model={"type": "WordPiece", "vocab": vocab}), "model type 'WordPiece'"),
+        (with_changes(neox_spec, model={"type": "Unigram", "vocab": [["a", 0.0]]}), "model type 'Unigram'"),
+        (with_changes(neox_spec, pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), "pre_tokenizer 'Metaspace'"),
+        (with_changes(neox_spec, pre_tokenizer={"type": "Sequence", "pretokenizers": []}), "pre_tokenizer 'Sequence'"),
+        (with_changes(neox_spec, pre_tokenizer=None), "pre_tokenizer None"),
+        (with_changes(neox_spec, decoder={"type": "WordPiece"}), "decoder 'WordPiece'"),
+        (with_changes(neox_spec, normalizer={"type": "Lowercase"}), "normalizer 'Lowercase'"),
+        (with_changes(neox_spec, model_byte_fallback=True), "model option byte_fallback = True"),
+        (with_changes(neox_spec, model_dropout=0.1), "model option dropout = 0.1"),
+        (with_changes(neox_spec, model_continuing_subword_prefix="##"), "continuing_subword_prefix = '##'"),
+        (with_changes(neox_spec, model_ignore_merges=True), "model option ignore_merges = True"),
+        (with_changes(neox_spec, model_merges=["Ġ t x"]), "merge #0 'Ġ t x' is not two tokens"),
+        (with_changes(neox_spec, model_merges=neox_spec["model"]["merges"][:5]), "that no merge in"),
+        (with_changes(neox_spec, model_vocab={**vocab, "zz": vocab["Ġ"]}), "have the same id"),
+        (eot_renamed, "has no <|endoftext|> token"),
+        (lstrip, "'<|padding|>' has lstrip = true"),
+        (clash, f"has id {vocab['Ġ']}, which is already 'Ġ''s"),
+        ({"version": "1.0"}, 'no "model" object'),
+        ([1, 2], 'no "model" object'),
+    ]
+    for n, (spec, message) in enumerate(cases):
+        file = write_tokenizer_json(tmp_path / str(n), spec)
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            Tokenizer.from_pretrained(str(tmp_path / str(n)))
+        assert file in str(e.value), (message, str(e.value))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "tokenizer.json").write_text(json.dumps(neox_spec)[:1000])
+    with pytest.raises(ValueError, match="cannot read .*cut/tokenizer.json"):
+        Tokenizer.from_pretrained(str(tmp_path / "cut"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer directory or tokenizer.json file at"):
+        Tokenizer.from_pretrained(str(tmp_path / "nowhere.json"))
 
 
 # -----------------------------------------------------------------------------

@@ -90,7 +90,14 @@ def test_a_mistyped_path_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--lm=.*model.safetensors'?: is a file, not a folder"):
         train.main(["--preset=gpt2-clip", f"--out_dir={tmp_path / 'run'}", "--data=d.jsonl", "--vit=ViT-B/16",
                     f"--lm={tmp_path / 'model.safetensors'}"])
+    with pytest.raises(SystemExit, match="--tokenizer=.*model.safetensors'?: is a file, but not a .json one"):
+        train.main(["--preset=gpt2-clip", f"--out_dir={tmp_path / 'run'}", "--data=d.jsonl", "--vit=ViT-B/16",
+                    f"--lm={tmp_path}", f"--tokenizer={tmp_path / 'model.safetensors'}"])
     assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()  # nothing ran, nothing written
+    (tmp_path / "tokenizer.json").write_text("{}")  # a tokenizer.json file passes (its contents are read later)
+    cfg, _ = train.parse_config(["--preset=gpt2-clip", "--data=d.jsonl", f"--lm={tmp_path}", "--vit=ViT-B/16",
+                                 f"--tokenizer={tmp_path / 'tokenizer.json'}"])
+    train.check_paths(cfg)
 
 
 @pytest.mark.parametrize("flag", ["--lr=nan", "--lr=-1", "--vit_lr=inf", "--lm_lr=nan", "--weight_decay=-1",
