@@ -210,15 +210,27 @@ def _allowed(allowed_special, special_tokens):
     return allowed
 
 
-def _split_on(text, tokens):
+def _split_on(text, tokens, as_text=()):
     """Cut text around occurrences of the given tokens ({string: id}): a list of (piece, None) and
-    (token, id), leftmost match first, and the longest one where several start at the same place (so
-    that a token that is a prefix of another cannot cut it)."""
+    (token, id). Matches are found left to right, the longest where several start at the same place
+    (so a token that is a prefix of another cannot cut it). A match on a token in as_text (a special
+    token encode was not allowed to use) stays text, but its characters are still taken: no other
+    token can match across them, as in Hugging Face `tokenizers`."""
     if not tokens:
         return [(text, None)] if text else []
-    splitter = re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
-    pieces = splitter.split(text)  # odd positions are the tokens themselves
-    return [(p, tokens[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
+    pattern = re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))))
+    out, start = [], 0  # text[start:] is not in out yet
+    for match in pattern.finditer(text):
+        token = match.group()
+        if token in as_text:
+            continue
+        if match.start() > start:
+            out.append((text[start:match.start()], None))
+        out.append((token, tokens[token]))
+        start = match.end()
+    if start < len(text):
+        out.append((text[start:], None))
+    return out
 
 
 def _check_text(text):
@@ -287,8 +299,7 @@ class Tokenizer:
         self.normalized = frozenset(normalized)
         self.normalizer = normalizer  # None or a form for unicodedata.normalize
         self.add_prefix_space, self.use_regex = add_prefix_space, use_regex
-        # id -> bytes, for decoding (where an added token shares its id with a vocabulary token, as in
-        # `tokenizers`, the added token's spelling decides)
+        # id -> bytes, for decoding (an added token that is also in the vocabulary has the same id there)
         self.decoder = {i: _token_bytes(tok) for tok, i in {**self.encoder, **self.added_tokens}.items()}
         self.vocab_size = max(self.decoder) + 1
         self.eos_id = self.special_tokens.get(EOT)
@@ -334,20 +345,26 @@ class Tokenizer:
         ByteLevel, decoder ByteLevel, normalizer none or a Unicode normal form, added tokens without
         lstrip / rstrip / single_word. Whatever else the format can describe (WordPiece, Unigram,
         SentencePiece's Metaspace, a custom Split pattern, BPE dropout, byte fallback) is refused by
-        name, never read half-way. Left out on purpose: the post-processor (it only adds tokens such
+        name, never read half-way, and so is a file on which `tokenizers` would act otherwise than it
+        reads (see _added_from_json). Left out on purpose: the post-processor (it only adds tokens such
         as a BOS when `tokenizers` is asked for add_special_tokens, which encode here never does) and
-        the truncation and padding settings."""
+        the truncation and padding settings. The normal forms come from Python's `unicodedata`, whose
+        Unicode version can differ from the Rust tables `tokenizers` uses (Python 3.11 against
+        `tokenizers` 0.23: 72 characters normalize differently under NFKC, 1 under NFD, none alone
+        under NFC, though NFC composes U+11935 U+11930 here and not there)."""
         spec = _load_json(file)
 
         def refuse(what):
             raise ValueError(f"{file}: {what}; only byte-level BPE (as GPT-2, GPT-J and GPT-NeoX / Pythia use "
                              "it) is read")
 
-        def kind(component):  # "ByteLevel", None for null, or what is wrong
-            if component is None:
-                return None
-            return component.get("type", "an object without a type") if isinstance(component, dict) else component
+        def kind(component):  # "ByteLevel", None for null, or what is wrong with it
+            if component is None or isinstance(component, dict) and isinstance(component.get("type"), str):
+                return component and component["type"]
+            return f"<not an object with a type: {json.dumps(component)[:40]}>"
 
+        if isinstance(spec, dict) and spec.get("version", "1.0") != "1.0":
+            refuse(f"format version {spec['version']!r} (this reader knows version \"1.0\")")
         model = spec.get("model") if isinstance(spec, dict) else None
         if isinstance(model, dict) and model.get("type", "BPE") != "BPE":
             refuse(f"model type {model['type']!r}")
@@ -372,14 +389,12 @@ class Tokenizer:
 
         encoder = _check_token_table(model["vocab"], f"{file} (model.vocab)")
         merges = _merges_from_json(model["merges"], file)
-        added, specials, normalized = _added_from_json(spec.get("added_tokens", []), file)
+        added, specials, normalized = _added_from_json(spec.get("added_tokens", []), encoder, normalizer, file)
         _check_vocabulary(encoder, merges, file, file, specials=set(added))
-        _check_added(added, encoder, file)
-        special_tokens = {EOT: encoder[EOT]} if EOT in encoder else {}
-        special_tokens.update({t: i for t, i in added.items() if t in specials})
-        if EOT not in special_tokens:
-            raise ValueError(f"{file} has no {EOT} token (needed as the end-of-text id)")
-        return cls(encoder, merges, special_tokens, added_tokens=added, normalized=normalized,
+        if EOT not in specials:  # special only as the file says: `tokenizers` makes nothing special itself
+            why = "is not marked special" if EOT in added else "is not among its added tokens"
+            raise ValueError(f"{file}: {EOT} {why} (it is needed as the end-of-text id)")
+        return cls(encoder, merges, {t: added[t] for t in specials}, added_tokens=added, normalized=normalized,
                    normalizer=normalizer, **flags)
 
     @classmethod
@@ -417,18 +432,17 @@ class Tokenizer:
         """text -> [(piece, None) or (added token, id)], in the order of Hugging Face `tokenizers`: the
         added tokens looked for in the raw text are cut out first; each piece left is normalized; then
         the added tokens looked for in normalized text are cut out of it."""
-        allowed = _allowed(allowed_special, self.special_tokens)
-        wanted = {t: i for t, i in self.added_tokens.items() if t in allowed or t not in self.special_tokens}
-        raw = {t: i for t, i in wanted.items() if t not in self.normalized}
-        after = {t: i for t, i in wanted.items() if t in self.normalized}
+        as_text = set(self.special_tokens) - _allowed(allowed_special, self.special_tokens)
+        raw = {t: i for t, i in self.added_tokens.items() if t not in self.normalized}
+        after = {t: i for t, i in self.added_tokens.items() if t in self.normalized}
         out = []
-        for piece, token_id in _split_on(_check_text(text), raw):
+        for piece, token_id in _split_on(_check_text(text), raw, as_text):
             if token_id is not None:
                 out.append((piece, token_id))
                 continue
             if self.normalizer:
                 piece = unicodedata.normalize(self.normalizer, piece)
-            out.extend(_split_on(piece, after))
+            out.extend(_split_on(piece, after, as_text))
         return out
 
     def _encode_word(self, word):
@@ -461,9 +475,9 @@ class ByteTokenizer:
 
     def encode(self, text, allowed_special=()):
         """text -> UTF-8 byte values (allowed special tokens become their id, as in Tokenizer.encode)."""
-        allowed = {t: i for t, i in self.special_tokens.items() if t in _allowed(allowed_special, self.special_tokens)}
+        as_text = set(self.special_tokens) - _allowed(allowed_special, self.special_tokens)
         ids = []
-        for piece, special_id in _split_on(_check_text(text), allowed):
+        for piece, special_id in _split_on(_check_text(text), self.special_tokens, as_text):
             ids.extend([special_id] if special_id is not None else piece.encode("utf-8"))
         return ids
 
@@ -535,15 +549,15 @@ def _load_json(file):
     try:  # utf-8-sig: a byte-order mark some editors write is not part of the first token
         with open(file, encoding="utf-8-sig") as f:
             return json.load(f, object_pairs_hook=no_repeats)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"cannot read {file}: {e or 'nested too deeply'}") from None
 
 
 def _check_token_table(table, where):
     """table must be {token: integer id >= 0}, with no id given twice."""
     # (JSON's true is a Python bool, and bool is an int: refuse it by name)
-    if not isinstance(table, dict) or not all(type(v) is int and v >= 0 for v in table.values()):
-        raise ValueError(f"{where} is not a JSON object of token -> integer id (>= 0)")
+    if not isinstance(table, dict) or not all(type(v) is int and 0 <= v < 2**32 for v in table.values()):
+        raise ValueError(f"{where} is not a JSON object of token -> integer id (0 <= id < 2**32)")
     ids = {}
     for token, i in table.items():  # two tokens with one id: decode could give only one of them
         if i in ids:
@@ -572,26 +586,47 @@ def _merges_from_json(merges, file):
     return pairs
 
 
-def _added_from_json(entries, file):
+def _added_from_json(entries, encoder, normalizer, file):
     """tokenizer.json's added_tokens -> ({token: id}, the special ones, the ones matched after
-    normalizing). lstrip, rstrip and single_word change where a token matches: refused, not ignored."""
+    normalizing). What would make `tokenizers` behave otherwise than the file reads is refused:
+      lstrip, rstrip, single_word  they move where a token matches (byte-level BPE files leave them off);
+      a normalized token that the normalizer changes: `tokenizers` matches and decodes its normal form;
+      an id other than the one `tokenizers` gives it on loading, whatever the file says: a token
+        in the vocabulary keeps its id there, any other takes the next id after the vocabulary and
+        after the added tokens before it, in list order."""
     if not isinstance(entries, list):
         raise ValueError(f"{file}: added_tokens is not a list")
-    added, specials, normalized = {}, set(), set()
+    added, specials, normalized = {}, [], set()
     for n, entry in enumerate(entries):
         token, i = (entry.get("content"), entry.get("id")) if isinstance(entry, dict) else (None, None)
         if not (isinstance(token, str) and token and type(i) is int and i >= 0):
             raise ValueError(f"{file}: added_tokens[{n}] needs a non-empty \"content\" and an integer \"id\" >= 0")
-        for flag in ("lstrip", "rstrip", "single_word"):
-            if entry.get(flag, False):
+        flags = {flag: entry.get(flag, default) for flag, default in
+                 (("special", False), ("normalized", not entry.get("special", False)),  # `tokenizers`' defaults
+                  ("lstrip", False), ("rstrip", False), ("single_word", False))}
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{file}: added token {token!r} has {flag} = {json.dumps(value)} (true or false)")
+            if value and flag in ("lstrip", "rstrip", "single_word"):
                 raise ValueError(f"{file}: added token {token!r} has {flag} = true, which this tokenizer does "
-                                 "not implement (byte-level BPE files do not use it)")
-        if token in added or i in added.values():
-            raise ValueError(f"{file}: added token {token!r} (id {i}) repeats an earlier added token or id")
+                                 "not implement (byte-level BPE files leave it off)")
+        if token in added:
+            raise ValueError(f"{file}: added token {token!r} is listed twice")
+        if flags["normalized"] and normalizer and unicodedata.normalize(normalizer, token) != token:
+            raise ValueError(f"{file}: added token {token!r} changes under the {normalizer} normalizer, which "
+                             "this tokenizer does not implement (Hugging Face matches and decodes its normal form)")
+        expected = encoder.get(token)
+        if expected is None:
+            last = max(added.values(), default=-1)
+            expected = last + 1 if last >= len(encoder) else len(encoder)
+        if i != expected:
+            raise ValueError(f"{file}: added token {token!r} is listed with id {i}, but Hugging Face `tokenizers` "
+                             f"gives it id {expected} (the vocabulary's id, or else the next one after the "
+                             "vocabulary and the added tokens before it)")
         added[token] = i
-        if entry.get("special", False):
-            specials.add(token)
-        if entry.get("normalized", not entry.get("special", False)):  # the default in `tokenizers`
+        if flags["special"]:
+            specials.append(token)
+        if flags["normalized"]:
             normalized.add(token)
     return added, specials, normalized
 
@@ -627,6 +662,9 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,))
         if token not in specials and not all(c in BYTE_DECODER for c in token):
             raise ValueError(f"{vocab_file}: token {token!r} is not written in GPT-2's byte symbols")
     for rank, (a, b) in enumerate(merges):
+        for part in (a, b):
+            if part not in encoder:
+                raise ValueError(f"{merges_file}: merge #{rank} {a!r} + {b!r} uses {part!r}, which is not in {vocab_file}")
         if a + b not in encoder:
             raise ValueError(
                 f"{merges_file}: merge #{rank} {a!r} + {b!r} gives {a + b!r}, which is not in {vocab_file}"
@@ -643,17 +681,16 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,))
 
 
 def _check_added(added, encoder, added_file):
-    """Added tokens may be new, or repeat a vocabulary token with its own id; one may not take an id
-    that a vocabulary token with other bytes has (decode would write the wrong text), or rename an id."""
+    """added_tokens.json may name new special tokens, or repeat a vocabulary token with its own id; it may
+    not give an id that another token has (decode would write the wrong text) or rename an id."""
     token_of = {i: t for t, i in encoder.items()}  # ids are unique (_check_token_table checked)
     for token, i in added.items():
         if not token:
             raise ValueError(f"{added_file}: an added token with an empty name (id {i})")
         if token in encoder and encoder[token] != i:
             raise ValueError(f"{added_file}: {token!r} has id {i}, but {encoder[token]} in the vocabulary")
-        other = token_of.get(i, token)
-        if other != token and _token_bytes(other) != _token_bytes(token):
-            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {other!r}'s")
+        if token_of.get(i, token) != token:
+            raise ValueError(f"{added_file}: {token!r} has id {i}, which is already {token_of[i]!r}'s")
 
 
 # -----------------------------------------------------------------------------

@@ -410,10 +410,13 @@ def neox_style_json(vocab_size=600):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     hf.train_from_iterator(list(CASES.values()) * 3 + random_texts(seed=7, count=300), trainer)
     hf.add_tokens([AddedToken(run, normalized=True) for run in NEOX_SPACES])
-    # Three more, not NeoX's. Two tell the matching passes apart: "kōan" is looked for after NFC (so
-    # "ko\u0304an" matches it, "kōan\u0303" does not: NFC makes "ñ"), "q\u0304!" before NFC. The third
-    # is spelled in byte symbols only, so it decodes as their bytes: "<é>" -> b"<\xe9>" -> "<\ufffd>".
+    # More, not NeoX's. "kōan" is looked for after NFC (so "ko\u0304an" matches it, "kōan\u0303" does not:
+    # NFC makes "ñ"), "q\u0304!" before NFC. "|><" overlaps two special tokens in a row: a special token
+    # that encode may not use still takes its characters, so "|><" cannot match across them; "t|>" is
+    # looked for after normalizing, when such a special token is text again, so it matches inside it.
+    # "<é>" is spelled in byte symbols only, so it decodes as their bytes: b"<\xe9>" -> "<\ufffd>".
     hf.add_tokens([AddedToken("k\u014dan", normalized=True), AddedToken("q\u0304!", normalized=False),
+                   AddedToken("|><", normalized=False), AddedToken("t|>", normalized=True),
                    AddedToken("<\u00e9>", normalized=False)])
     return json.loads(hf.to_str())
 
@@ -524,9 +527,18 @@ def test_tokenizer_json_refuses_what_it_does_not_implement(neox_spec, tmp_path):
     eot_renamed["model"]["vocab"]["<|eos|>"] = eot_renamed["model"]["vocab"].pop("<|endoftext|>")
     lstrip = with_changes(neox_spec)
     lstrip["added_tokens"][1]["lstrip"] = True
-    clash = with_changes(neox_spec)
-    clash["added_tokens"][-1]["id"] = neox_spec["model"]["vocab"]["Ġ"]  # "  " would decode as " "
     vocab = neox_spec["model"]["vocab"]
+    clash = with_changes(neox_spec)  # `tokenizers` would give "  " a new id, whatever the file says
+    clash["added_tokens"][2]["id"] = vocab["Ġ"]
+    gap = with_changes(neox_spec)
+    gap["added_tokens"][-1]["id"] += 10
+    eot_plain = with_changes(neox_spec)  # listed, but not special
+    eot_plain["added_tokens"][0]["special"] = False
+    normal_form = with_changes(neox_spec)  # "ko\u0304an" would be matched and decoded as "kōan"
+    normal_form["added_tokens"][-5]["content"] = "ko\u0304an"
+    assert neox_spec["added_tokens"][-5]["content"] == "k\u014dan"
+    flag_as_text = with_changes(neox_spec)
+    flag_as_text["added_tokens"][1]["lstrip"] = "false"
     cases = [
         (with_changes(neox_spec, model={"type": "WordPiece", "vocab": vocab}), "model type 'WordPiece'"),
         (with_changes(neox_spec, model={"type": "Unigram", "vocab": [["a", 0.0]]}), "model type 'Unigram'"),
@@ -542,9 +554,18 @@ def test_tokenizer_json_refuses_what_it_does_not_implement(neox_spec, tmp_path):
         (with_changes(neox_spec, model_merges=["Ġ t x"]), "merge #0 'Ġ t x' is not two tokens"),
         (with_changes(neox_spec, model_merges=neox_spec["model"]["merges"][:5]), "that no merge in"),
         (with_changes(neox_spec, model_vocab={**vocab, "zz": vocab["Ġ"]}), "have the same id"),
-        (eot_renamed, "has no <|endoftext|> token"),
+        (with_changes(neox_spec, model_merges=[["Ġ", "zz"]]), "merge #0 'Ġ' + 'zz' uses 'zz', which is not in"),
+        (with_changes(neox_spec, model_vocab={**vocab, "zz": 2**32}), "integer id (0 <= id < 2**32)"),
+        (eot_renamed, "<|endoftext|> is not among its added tokens"),
+        (with_changes(neox_spec, added_tokens=[]), "<|endoftext|> is not among its added tokens"),
+        (eot_plain, "<|endoftext|> is not marked special"),
         (lstrip, "'<|padding|>' has lstrip = true"),
-        (clash, f"has id {vocab['Ġ']}, which is already 'Ġ''s"),
+        (flag_as_text, "'<|padding|>' has lstrip = \"false\" (true or false)"),
+        (clash, f"added token {' ' * 24!r} is listed with id {vocab['Ġ']}, but Hugging Face `tokenizers` gives it id"),
+        (gap, "added token '<é>' is listed with id"),
+        (normal_form, "added token 'ko\u0304an' changes under the NFC normalizer"),
+        (with_changes(neox_spec, pre_tokenizer="ByteLevel"), 'pre_tokenizer \'<not an object with a type: "ByteLevel">\''),
+        (with_changes(neox_spec, version="2.0"), "format version '2.0'"),
         ({"version": "1.0"}, 'no "model" object'),
         ([1, 2], 'no "model" object'),
     ]
@@ -553,10 +574,11 @@ def test_tokenizer_json_refuses_what_it_does_not_implement(neox_spec, tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)) as e:
             Tokenizer.from_pretrained(str(tmp_path / str(n)))
         assert file in str(e.value), (message, str(e.value))
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "tokenizer.json").write_text(json.dumps(neox_spec)[:1000])
-    with pytest.raises(ValueError, match="cannot read .*cut/tokenizer.json"):
-        Tokenizer.from_pretrained(str(tmp_path / "cut"))
+    for name, text in [("cut", json.dumps(neox_spec)[:1000]), ("deep", "[" * 100_000)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(text)
+        with pytest.raises(ValueError, match=f"cannot read .*{name}/tokenizer.json"):
+            Tokenizer.from_pretrained(str(tmp_path / name))
     with pytest.raises(FileNotFoundError, match="no tokenizer directory or tokenizer.json file at"):
         Tokenizer.from_pretrained(str(tmp_path / "nowhere.json"))
 
