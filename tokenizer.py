@@ -278,8 +278,9 @@ BPE_OPTIONS = {"dropout": None, "continuing_subword_prefix": None, "end_of_word_
 class Tokenizer:
     """Byte-level BPE, the tokenizer of GPT-2, GPT-J and GPT-NeoX / Pythia: a vocabulary (byte-symbol
     string -> id), merges in rank order, and added tokens, cut out of the text before BPE sees it.
-    Special added tokens ("<|endoftext|>") are cut out only when encode's allowed_special names them;
-    the others (NeoX's runs of 2 to 24 spaces) always are, as in Hugging Face `tokenizers`.
+    Special added tokens ("<|endoftext|>") are cut out only when encode's allowed_special names them
+    (otherwise they stay text, though no other added token can match across one); the others (NeoX's
+    runs of 2 to 24 spaces) always are. All of this follows Hugging Face `tokenizers`.
     A tokenizer.json may add three things GPT-2's files cannot say:
       normalizer        a Unicode normal form ("NFC" for NeoX) applied to the text first,
       normalized        the added tokens that are looked for after normalizing rather than before,
