@@ -218,7 +218,7 @@ def _split_on(text, tokens, as_text=()):
     token can match across them, as in Hugging Face `tokenizers`."""
     if not tokens:
         return [(text, None)] if text else []
-    pattern = re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))))
+    pattern = _alternation(frozenset(tokens))
     out, start = [], 0  # text[start:] is not in out yet
     for match in pattern.finditer(text):
         token = match.group()
@@ -231,6 +231,12 @@ def _split_on(text, tokens, as_text=()):
     if start < len(text):
         out.append((text[start:], None))
     return out
+
+
+@lru_cache(maxsize=64)
+def _alternation(tokens):
+    """A regex matching any of the strings in the frozenset tokens, the longest first (built once)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))))
 
 
 def _check_text(text):
@@ -298,6 +304,8 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)  # {token: id}, matched when allowed
         self.added_tokens = {**(added_tokens or {}), **self.special_tokens}  # {token: id}, specials included
         self.normalized = frozenset(normalized)
+        self._raw_and_after = ({t: i for t, i in self.added_tokens.items() if t not in self.normalized},
+                               {t: i for t, i in self.added_tokens.items() if t in self.normalized})
         self.normalizer = normalizer  # None or a form for unicodedata.normalize
         self.add_prefix_space, self.use_regex = add_prefix_space, use_regex
         # id -> bytes, for decoding (an added token that is also in the vocabulary has the same id there)
@@ -434,8 +442,7 @@ class Tokenizer:
         added tokens looked for in the raw text are cut out first; each piece left is normalized; then
         the added tokens looked for in normalized text are cut out of it."""
         as_text = set(self.special_tokens) - _allowed(allowed_special, self.special_tokens)
-        raw = {t: i for t, i in self.added_tokens.items() if t not in self.normalized}
-        after = {t: i for t, i in self.added_tokens.items() if t in self.normalized}
+        raw, after = self._raw_and_after  # the added tokens looked for before / after normalizing
         out = []
         for piece, token_id in _split_on(_check_text(text), raw, as_text):
             if token_id is not None:
