@@ -644,7 +644,7 @@ def test_same_interface(tok):
         assert t.decode(ids, skip_special=True) == "same interface "
 
 
-def test_command_line(data_dir, tmp_path):
+def test_command_line(data_dir, neox_spec, tmp_path):
     """`python tokenizer.py PATH --text ...`: the ids and pieces, or one error line naming the path."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizer.py")
     run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
@@ -654,3 +654,9 @@ def test_command_line(data_dir, tmp_path):
     out = run(str(tmp_path / "nowhere"))
     assert out.returncode == 1 and out.stderr.startswith("tokenizer.py: error: ") and out.stderr.count("\n") == 1
     assert "nowhere" in out.stderr and "Traceback" not in out.stderr
+    good = write_tokenizer_json(tmp_path / "neox", neox_spec)
+    out = run(good, "--text", "a   b<|endoftext|>", "--allow-special")
+    assert out.returncode == 0 and out.stdout.splitlines()[2] == "['a', '   ', 'b', '<|endoftext|>']", out
+    bad = write_tokenizer_json(tmp_path / "wordpiece", with_changes(neox_spec, model={"type": "WordPiece", "vocab": {}}))
+    out = run(bad)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "model type 'WordPiece'" in out.stderr, out
