@@ -64,8 +64,8 @@ class MagmaConfig:
     lm: a GPTConfig, or the path of a Hugging Face GPT directory (gpt.GPT.from_pretrained).
     vit: a ViTConfig, a preset name from vit.PRESETS (random init), or a CLIP checkpoint path.
     tokenizer: "byte" (tokenizer.ByteTokenizer), {"merges": [[a, b], ...]} (a merge table learned with
-        tokenizer.train_bpe), a tokenizer directory or tokenizer.json file, or None = the lm path when lm is a path,
-        else "byte".
+        tokenizer.train_bpe), a tokenizer directory or tokenizer.json file, or None = the lm path when
+        lm is a path, else "byte".
     The defaults build a tiny random model with MAGMA's adapters, for tests and smoke runs.
     """
     lm: object = field(default_factory=tiny_lm_config)

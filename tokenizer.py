@@ -672,7 +672,8 @@ def _check_vocabulary(encoder, merges, vocab_file, merges_file, specials=(EOT,))
     for rank, (a, b) in enumerate(merges):
         for part in (a, b):
             if part not in encoder:
-                raise ValueError(f"{merges_file}: merge #{rank} {a!r} + {b!r} uses {part!r}, which is not in {vocab_file}")
+                raise ValueError(f"{merges_file}: merge #{rank} {a!r} + {b!r} uses {part!r}, which is not in "
+                                 f"{vocab_file}")
         if a + b not in encoder:
             raise ValueError(
                 f"{merges_file}: merge #{rank} {a!r} + {b!r} gives {a + b!r}, which is not in {vocab_file}"
