@@ -456,6 +456,7 @@ TEXTS_WITH_ADDED_TOKENS = [
     "def f():\n        return  1  # two   spaces" + " " * 30 + "end",
     "e\u0301 cafe\u0301<|endoftext|>\u0301 A\u030a",  # NFC composes; a combining mark after a special token
     "ko\u0304an k\u014dan q\u0304! q\u0304 ko\u0304a k\u014dan\u0303",
+    "<|endoftext|>q\u0304! |><",  # added tokens still cut out after a special token left as text
     "a<\u00e9>b",
 ]
 
