@@ -367,9 +367,11 @@ class Tokenizer:
             raise ValueError(f"{file}: {what}; only byte-level BPE (as GPT-2, GPT-J and GPT-NeoX / Pythia use "
                              "it) is read")
 
-        def kind(component):  # "ByteLevel", None for null, or what is wrong with it
-            if component is None or isinstance(component, dict) and isinstance(component.get("type"), str):
-                return component and component["type"]
+        def kind(component):  # its type ("ByteLevel"), None for null, or what is wrong with it
+            if component is None:
+                return None
+            if isinstance(component, dict) and isinstance(component.get("type"), str):
+                return component["type"]
             return f"<not an object with a type: {json.dumps(component)[:40]}>"
 
         if isinstance(spec, dict) and spec.get("version", "1.0") != "1.0":
