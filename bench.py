@@ -609,7 +609,9 @@ def train_flops(lm, vit, adapters, image_tokens, text_tokens):
 
 def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None):
     """One optimizer step under bf16 autocast: a closure for time_ms, returning the loss tensor."""
-    forward = compiled or model
+    # Not `compiled or model`: truth-testing a compiled module asks the module inside for its len(),
+    # which a model is not, so that raised TypeError (seen on the H200 in the ours-compile row).
+    forward = model if compiled is None else compiled
 
     def step():
         optimizer.zero_grad(set_to_none=True)

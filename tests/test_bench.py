@@ -258,3 +258,19 @@ def test_environment_names_the_device_the_rows_ran_on(monkeypatch):
     assert bench.environment()["device"] == "NVIDIA H200"
     smoke = bench.environment(cpu_smoke=True)
     assert smoke["device"].startswith("CPU") and smoke["cuda"] is None
+
+
+def test_a_compiled_model_trains_one_step():
+    """The compiled rows pass torch.compile(model) to training_step (the "eager" backend here: dynamo's
+    tracing without inductor's C compiler); a compiled Magma once failed there on len()."""
+    ours, _, lm, vit = tiny_pair()
+    ours.train()
+    pixels, ids, mask = caption_batch(lm, vit, lengths=[8, 3])
+    from adapters import trainable_parameters
+    params = list(trainable_parameters(ours))
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    torch._dynamo.reset()
+    step = bench.training_step(ours, optimizer, pixels, ids, mask, compiled=torch.compile(ours, backend="eager"))
+    loss = step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, params))
