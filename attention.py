@@ -663,6 +663,21 @@ def _autotuned(name, block_d):
     return triton.autotune(configs, key=AUTOTUNE_KEY)(KERNELS[name])
 
 
+def tuned_configs(head_dim):
+    """{kernel: "BLOCK_MxBLOCK_N wW sS"} of the configs the autotuner last chose at this head dim (for
+    bench.py's notes); empty when it has not run (MAGMA_FLASH_AUTOTUNE=0, fp32 inputs, no GPU)."""
+    if TRITON_IMPORT_ERROR is not None:
+        return {}
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    chosen = {}
+    for name in KERNELS:
+        best = getattr(_autotuned(name, block_d), "best_config", None)  # set by the tuner's first run
+        if best is not None:
+            chosen[name] = (f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} "
+                            f"w{best.num_warps} s{best.num_stages}")
+    return chosen
+
+
 def _launch(name, block_d, grid, args, consts):
     """Run kernel `name`: a fixed config, or autotuned over a list. `grid(BLOCK_M, BLOCK_N)` gives the
     launch grid for the config chosen."""

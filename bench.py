@@ -225,6 +225,35 @@ def refusal(fn, q, k, v, causal):
             return "; ".join(why[:2]) or str(e).strip().split("\n")[0]
 
 
+def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
+    """Where the Triton kernel's time goes: its forward and backward launchers on their own (no
+    autograd), each timed called back to back and, on a GPU, replayed from a CUDA graph, which takes
+    the host out (a launch costs tens of microseconds of Python): where the two differ, the host sets
+    the pace, not the kernels. With autotuning on, also the config the autotuner chose for each kernel."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    with torch.no_grad():
+        fwd = lambda: A._flash_forward(q, k, v, causal, q, 0, scale)  # kpm = q: no key padding mask
+        o, lse2 = fwd()
+        bwd = lambda: A._flash_backward(do, q, k, v, o, lse2, causal, q, 0, scale)
+        times = {"bwd_ms": time_ms(bwd, warmup, iters, cuda)}
+        if cuda:
+            for name, fn in (("fwd_graph_ms", fwd), ("bwd_graph_ms", bwd)):
+                side = torch.cuda.Stream()  # as torch.cuda.graph wants: a warm call off the default stream
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                times[name] = time_ms(graph.replay, warmup, iters, cuda)
+                del graph
+    tuned = A.tuned_configs(q.shape[-1])
+    if tuned:
+        times["note"] = "autotuned: " + ", ".join(f"{k} {v}" for k, v in tuned.items())
+    return times
+
+
 def bench_attention(args):
     """Forward and forward+backward TFLOP/s (decode: µs per call) for each shape and implementation."""
     cuda = torch.cuda.is_available() and not args.cpu_smoke  # --cpu-smoke runs on the CPU, GPU or not
@@ -244,8 +273,11 @@ def bench_attention(args):
         "benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
         "flops": "4*B*H*Tq*Tk*D forward, halved when causal; forward+backward = 3.5x forward (the backward "
                  "credited with the algorithm's 5 matmuls; the Triton kernel runs 7)",
+        "breakdown": "triton rows: fwd_graph_ms, the forward launcher replayed from a CUDA graph (no host "
+                     "time); bwd_ms, the backward launcher alone, called back to back; bwd_graph_ms, it "
+                     "replayed from a CUDA graph",
         "columns": ["shape", "B,H,Tq,Tk,D", "causal", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms",
-                    "fwdbwd_tflops", "fwd_us", "GB/s", "note"]})
+                    "fwdbwd_tflops", "fwd_graph_ms", "bwd_ms", "bwd_graph_ms", "fwd_us", "GB/s", "note"]})
     for name, B, H, Tq, Tk, D, causal in shapes:
         decode = Tq == 1
         g = torch.Generator(device=device).manual_seed(0)
@@ -285,6 +317,11 @@ def bench_attention(args):
                 continue
             row["fwdbwd_ms"] = ms
             row["fwdbwd_tflops"] = 3.5 * flops / (ms * 1e-3) / 1e12  # backward credited 2.5x forward
+            if impl == "triton":
+                try:
+                    row.update(triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda))
+                except Exception as e:  # a diagnostic: its failure must not cost the other rows
+                    row["note"] = f"breakdown n/a: {str(e).splitlines()[0]}"[:100]
             if cuda:
                 torch.cuda.empty_cache()
         print(f"  {name} done", file=sys.stderr, flush=True)

@@ -365,7 +365,7 @@ def test_bench_without_gpu(tmp_path):
     rows = {(r["shape"], r["impl"]): r for r in payload["rows"]}
     assert rows[("vit-tiny", "reference")]["fwd_tflops"] > 0 and rows[("vit-tiny", "reference")]["fwdbwd_ms"] > 0
     if A.TRITON_IMPORT_ERROR is None:
-        assert rows[("vit-tiny", "triton")]["fwdbwd_ms"] > 0
+        assert rows[("vit-tiny", "triton")]["fwdbwd_ms"] > 0 and rows[("vit-tiny", "triton")]["bwd_ms"] > 0
         assert rows[("decode-tiny", "triton-1split")]["fwd_us"] > 0
     assert rows[("vit-tiny", "sdpa-cudnn")]["note"].startswith("n/a")
 
