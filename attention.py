@@ -72,7 +72,12 @@ would give P = exp(+inf) = inf, and inf * 0 = NaN wherever a mask does not catch
 Decoding (Tq = 1 against a long cache): one query row cannot fill a 128-row block, and B*H programs
 are too few to keep an H100's 132 SMs busy. The decode path ("flash-decoding") splits the keys into
 chunks handled by separate programs, each producing a partial (o_s, lse_s); a second tiny kernel
-merges them: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) o_s.
+merges them: lse = log sum_s exp(lse_s), O = sum_s exp(lse_s - lse) o_s. Each program runs the
+forward's own loop over its keys, with the query as row 0 of a 16-row tile (the smallest a dot
+takes): decoding reads K and V once and does almost no arithmetic, so what counts is keeping loads in
+flight, which the forward's software-pipelined loop does. (A first version computed the scores as a
+multiply and a row sum, with no pipelining: on an H200 it read the cache at 1.3 TB/s, 2.5x slower
+than the 128-row forward kernel on the same call.)
 
 FLOPs (used by bench.py): the forward does two matmuls of 2*Tq*Tk*D each: 4*B*H*Tq*Tk*D in all,
 half that with a causal mask (Tq = Tk). The backward's algorithm needs five (S again, dV, dP, dQ,
@@ -499,50 +504,52 @@ def _decode_kernel(Q, K, V, KPM, OP, LSEP,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_kpm, H, Tk, keys_per_split, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Flash-decoding, step 1: one query row against keys [split * keys_per_split, ...). Grid:
-    (split, b * H + h), so several programs share one row's keys."""
+    (split, b * H + h), so several programs share one row's keys.
+
+    The loop is the forward's own (_fwd_block), so the key and value tiles stream through the tensor
+    cores' software pipeline (asynchronous copies several blocks ahead) as they do in the forward.
+    A dot needs at least 16 rows: the query is row 0 of a (16, D) tile whose other rows load as 0;
+    they compute a harmless softmax of zero scores and are never stored."""
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, 16)                                               # row 0: the query
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd,
-                mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)        # (D,)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, 0, stride_qd, 1,
+                   HEAD_DIM, BLOCK_D)                                       # (16, D)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    kpm_base = KPM + b * stride_kpm
 
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)                    # scalar running max
-    l_i = tl.full([], 0.0, dtype=tl.float32)                                # scalar denominator
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                             # (D,) numerator
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, BLOCK_D], dtype=tl.float32)
+    # This split's keys: [lo, hi). keys_per_split is a whole number of blocks, so only the last split
+    # can end in a partial block, the one block that needs the mask (keys >= hi).
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, Tk)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
-        # One query row: a dot product per key is a multiply and a row sum, no tensor cores needed.
-        k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, BLOCK_D)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale             # (BLOCK_N,)
-        keep = cols < hi
-        if HAS_KPM:
-            keep = keep & (tl.load(KPM + b * stride_kpm + cols, mask=cols < hi, other=0) != 0)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe)                                         # (BLOCK_N,)
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, BLOCK_D)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        m_i = m_new
+    full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, 1, hi, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, False, PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, 1, hi, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, True, PRECISION)
     # An empty split (every key padded) stores lse2 = -inf, unlike _fwd_kernel's +inf: the merge
     # weighs each split by exp2(lse2_s - max), and an empty split must weigh 0. The merge itself
     # stores +inf for a row with no key at all, as the forward does.
     empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]                           # (16, D)
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(OP + (pid_bh * n_splits + split) * BLOCK_D + offs_d, o)      # (B*H, splits, BLOCK_D)
-    tl.store(LSEP + pid_bh * n_splits + split, lse2)                       # (B*H, splits)
+    row = pid_bh * n_splits + split                                         # (B*H, splits, BLOCK_D)
+    tl.store(OP + row * BLOCK_D + offs_m[:, None] * 0 + offs_d[None, :], o, mask=offs_m[:, None] == 0)
+    tl.store(LSEP + row + offs_m * 0, lse2, mask=offs_m == 0)
 
 
 @triton.jit(do_not_specialize=["H", "n_splits"])
@@ -624,11 +631,13 @@ IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 3
                 256: TF32_CONFIGS_256}
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 INTERPRET_DECODE_BLOCK_N = 16
-# A decode program holds a (BLOCK_N, D) tile of keys and one of values in fp32 registers: 4096 // D keys
-# per step over 8 warps is 16 elements of each per thread (57-64 registers, no spills for sm_90a under
-# Triton 3.6 and 3.9 at every head dim: tests/attention_ptxas_check.py).
-DECODE_BLOCK_N = {d: 4096 // d for d in (16, 32, 64, 128, 256)}  # keys per step of a decode program
-DECODE_WARPS = 8
+# Decode (Tq = 1): (BLOCK_N keys per step, num_warps, num_stages) per padded head dim. The loop streams
+# a (BLOCK_N, D) key tile and a value tile per step, 16 KB each in 16 bits, 3 steps deep: 96 KB of
+# shared memory, two programs per SM. fp32 inputs take half the keys per step (the tiles are twice as
+# large), and exact fp32 dots far fewer (they hold operand rows in registers; see IEEE_CONFIGS).
+DECODE_CONFIGS = {16: (128, 4, 3), 32: (256, 4, 3), 64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+DECODE_CONFIGS_TF32 = {16: (128, 4, 2), 32: (128, 4, 2), 64: (64, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}
+DECODE_CONFIGS_IEEE = {16: (32, 4, 2), 32: (32, 4, 2), 64: (16, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}
 MAX_DECODE_SPLITS = 64  # the merge kernel holds (splits, D) partial outputs in registers
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1, where every kernel puts batch*head
@@ -768,6 +777,15 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _decode_config(block_d, dtype, precision):
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel for this head dim and input dtype."""
+    if INTERPRET:
+        return INTERPRET_DECODE_BLOCK_N, 4, 1
+    if dtype != torch.float32:
+        return DECODE_CONFIGS[block_d]
+    return (DECODE_CONFIGS_IEEE if precision == "ieee" else DECODE_CONFIGS_TF32)[block_d]
+
+
 def _decode_splits(BH, Tk, block_n, device):
     """How many programs share one row's keys: ~4 programs per SM, >= 2 key blocks each (a guess:
     `bench.py attention` compares 1, 4 and 16 splits on the decode shape)."""
@@ -781,7 +799,8 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     B, H, _, D = q.shape
     Tk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = INTERPRET_DECODE_BLOCK_N if INTERPRET else DECODE_BLOCK_N[block_d]
+    precision = _precision(q.dtype)
+    block_n, warps, stages = _decode_config(block_d, q.dtype, precision)
     if num_splits is None:
         num_splits = _decode_splits(B * H, Tk, block_n, q.device)
     num_splits = max(1, min(int(num_splits), Tk, MAX_DECODE_SPLITS))
@@ -793,8 +812,8 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
         q, k, v, kpm, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         kpm_stride, H, Tk, keys_per_split, qk_scale,
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, BLOCK_N=block_n,
-        num_warps=DECODE_WARPS, **LAUNCH_OPTIONS)
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_KPM=kpm is not q, PRECISION=precision, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
     o = torch.empty_like(q)
     lse2 = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     _decode_merge_kernel[(B * H,)](

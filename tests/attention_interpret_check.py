@@ -352,7 +352,9 @@ def run_gpu_configs_check(torch, A):
                 res["runs"] += 1
                 if not err <= FP32_TOL:
                     res["failed"].append(f"{label} Tq={Tq} Tk={Tk} causal={causal}: {err:.2e}")
-        for d, block_n in A.DECODE_BLOCK_N.items():  # one query against 2.5 blocks, 1 and 3 splits
+        decode_blocks = {(d, table[d][0]) for table in (A.DECODE_CONFIGS, A.DECODE_CONFIGS_TF32,
+                                                         A.DECODE_CONFIGS_IEEE) for d in table}
+        for d, block_n in sorted(decode_blocks):  # one query against 2.5 blocks, 1 and 3 splits
             A.INTERPRET_DECODE_BLOCK_N = block_n
             g = torch.Generator().manual_seed(d)
             Tk = 2 * block_n + block_n // 2 + 3

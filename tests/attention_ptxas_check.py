@@ -149,7 +149,8 @@ def main():
         for name in args.kernels.split(","):
             if name == "decode":  # causal is a no-op for one query
                 runs = [(launches[(True, padded)]["decode"], {},
-                         f"BLOCK_N {A.DECODE_BLOCK_N[d]} warps {A.DECODE_WARPS}, kpm={padded}")
+                         "(BLOCK_N, warps, stages) {} kpm={}".format(
+                             A._decode_config(d, dtype, precision or "tf32"), padded))
                         for padded in (False, True)]
             else:
                 runs = [(launches[(causal, padded)][name],
