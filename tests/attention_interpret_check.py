@@ -253,6 +253,24 @@ def run_scale_check(torch, A):
     return res
 
 
+def run_partial_grads_check(torch, A):
+    """Only some inputs need a gradient (a frozen projection upstream of q, say; dQ is then never
+    computed): those asked for equal the reference's."""
+    g = torch.Generator().manual_seed(12)
+    base = [torch.randn(2, 2, 21, 16, generator=g) for _ in range(3)]
+    do = torch.randn(2, 2, 21, 16, generator=g)
+    res = {"case": "partial_grads", "tol": FP32_TOL}
+    for wanted in ((1, 2), (0,), (2,)):
+        q, k, v = (t.clone().requires_grad_(i in wanted) for i, t in enumerate(base))
+        out, ref = A.flash_attention(q, k, v, True), A.attention_reference(q, k, v, True)
+        leaves = [(q, k, v)[i] for i in wanted]
+        got, want = (torch.autograd.grad(t, leaves, do) for t in (out, ref))
+        res[f"err_{'qkv'[wanted[0]]}{len(wanted)}"] = max((a - b).abs().max().item()
+                                                         for a, b in zip((out, *got), (ref, *want)))
+    res["ok"] = all(e <= FP32_TOL for key, e in res.items() if key.startswith("err"))
+    return res
+
+
 def run_batch_slices_check(torch, A):
     """More batch*head rows than a grid's axis 1 holds (the limit lowered to 4 here): the launchers run
     the batch in slices, and output and gradients equal one launch's bit for bit (training and decode)."""
@@ -378,7 +396,8 @@ def run_gpu_configs_check(torch, A):
 
 EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
                 "torch_compile_one_opaque_op": run_compile_check, "custom_scale": run_scale_check,
-                "batch_slices": run_batch_slices_check, "gpu_launch_configs": run_gpu_configs_check}
+                "batch_slices": run_batch_slices_check, "partial_grads": run_partial_grads_check,
+                "gpu_launch_configs": run_gpu_configs_check}
 
 
 def main(argv=None):
