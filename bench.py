@@ -644,6 +644,36 @@ def train_flops(lm, vit, adapters, image_tokens, text_tokens):
     }
 
 
+def generate_flops(lm, vit, adapters, image_tokens, prompt_len, new_tokens):
+    """Forward FLOPs of one sequence's greedy generation, by part: the ViT and prefix once, the prefill
+    of P = I + prompt_len positions (logits at the last one only), then new_tokens - 1 decode steps (the
+    last new token is not fed back), step t attending to P + t cached positions. Forward only, so a
+    matmul weight costs 2 per token; attention counts the positions a step needs to see (a static
+    cache attends to every slot under a mask, work that is not credited).
+
+      vit                      2 * V_t * L_v * (4 w^2 + 2 w w_ff)
+      patch                    2 * N * 3 p^2 * w
+      vit_attn                 4 * V_t^2 * w * L_v
+      prefix                   2 * I * w * d
+      lm (+ adapters)          2 * (P + new - 1) * L * (4 d^2 + 2 d d_ff)   (+ 2 d (d/down) per adapter)
+      lm_attn                  2 * P^2 * d * L (causal) + 4 * d * L * sum over steps of (P + t)
+      lm_head                  2 * new * d * vocab
+    """
+    d, w, Vt, N, I = lm.n_embd, vit.width, vit.grid ** 2 + 1, vit.grid ** 2, image_tokens
+    P, steps = image_tokens + prompt_len, new_tokens - 1
+    n_adapters = len(range(lm.n_layer) if adapters.layers is None else adapters.layers) * len(adapters.places)
+    return {
+        "vit": 2 * Vt * vit.layers * (4 * w * w + 2 * w * vit.hidden),
+        "patch": 2 * N * 3 * vit.patch_size ** 2 * w,
+        "vit_attn": 4 * Vt * Vt * w * vit.layers,
+        "prefix": 2 * I * w * d,
+        "lm": 2 * (P + steps) * lm.n_layer * (4 * d * d + 2 * d * lm.n_inner),
+        "adapters": 2 * (P + steps) * n_adapters * 2 * d * max(1, d // adapters.downsample),
+        "lm_attn": 2 * P * P * d * lm.n_layer + 4 * d * lm.n_layer * sum(P + t for t in range(1, steps + 1)),
+        "lm_head": 2 * new_tokens * d * lm.vocab_size,
+    }
+
+
 def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None):
     """One optimizer step under bf16 autocast: a closure for time_ms, returning the loss tensor."""
     # Not `compiled or model`: truth-testing a compiled module asks the module inside for its len(),
@@ -786,8 +816,13 @@ def bench_generate(args):
             "transformers": lambda px, ids, graph: theirs.generate_ids(px, ids, new)}
     # Both models stay on the GPU; a row's peak counts its own model's weights, not the other's.
     other_weights = {"ours": weights_bytes(theirs), "transformers": weights_bytes(ours)}
+    from train import peak_tflops  # one table of GPU peaks, shared with the training progress bar
+    parts = generate_flops(lm_config, vit_config, ours.config.adapters, vit_config.grid ** 2 + 1, prompt_len, new)
+    flops, peak = sum(parts.values()), peak_tflops(device)
     rows = new_rows({
         "benchmark": "generate", "dtype": str(dtype).replace("torch.", ""),
+        "flops_per_sequence": flops, "flops_parts": parts, "peak_tflops": peak,
+        "flops": generate_flops.__doc__,
         "shape": {"prompt": f"1 image ({vit_config.grid ** 2 + 1} prefix tokens) + {prompt_len} tokens",
                   "new_tokens": new, "lm": asdict(lm_config), "vit": asdict(vit_config)},
         "timing": "wall time of the whole call (ViT + prefix + prefill + decode, and recording the CUDA "
@@ -797,7 +832,7 @@ def bench_generate(args):
         "peak_gib": "peak memory allocated during the row, less the other model's weights (both stay on "
                     "the GPU)",
         "columns": ["batch", "variant", "attention", "cuda_graph", "new_tokens", "ms", "ms_per_step",
-                    "tokens_per_s", "x_vs_tf", "agree", "capture_ms", "peak_gib", "note"]},
+                    "tokens_per_s", "x_vs_tf", "tflops", "mfu_pct", "agree", "capture_ms", "peak_gib", "note"]},
         finish=generate_ratios)
     for B in batches:
         g = torch.Generator().manual_seed(B)
@@ -823,7 +858,9 @@ def bench_generate(args):
             except Exception as e:  # out of memory, a failed graph capture, ...: recorded, the next row runs
                 row["note"] = failure_note(e)
                 continue
-            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3),
+            tflops = B * flops / (ms * 1e-3) / 1e12
+            row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), tflops=tflops,
+                       mfu_pct=100 * tflops / peak if peak else None,
                        peak_gib=peak_gib(device, resident=other_weights[assembly]))
             if captures:
                 row["capture_ms"] = statistics.median(captures)

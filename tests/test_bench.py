@@ -195,6 +195,25 @@ def test_train_flops_counts_the_matmuls_that_run(monkeypatch):
     assert attention == B * 12 * (S * S * lm.n_embd * lm.n_layer + I * I * vit.width * vit.layers)
 
 
+def test_generate_flops_counts_the_matmuls_that_run(monkeypatch):
+    """FlopCounterMode over one greedy generation of our model: every mm/addmm/convolution FLOP is in
+    generate_flops (ViT and prefix once, prefill with logits at its last position, a decode step per
+    new token but the last). Attention (bmm under the reference) attends to every slot of the cache,
+    more than generate_flops credits, so it is left out."""
+    monkeypatch.setenv("MAGMA_ATTENTION", "reference")
+    ours, _, lm, vit = tiny_pair()
+    B, prompt_len, new = 2, 5, 6
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(B, 3, vit.image_size, vit.image_size, generator=g)
+    prompt = torch.randint(0, lm.vocab_size, (B, prompt_len), generator=g)
+    with FlopCounterMode(display=False) as counter:
+        bench.ours_generate_ids(ours, pixels, prompt, new)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    counts.pop("aten.bmm", 0)
+    parts = bench.generate_flops(lm, vit, ours.config.adapters, vit.grid ** 2 + 1, prompt_len, new)
+    assert sum(counts.values()) == B * sum(v for k, v in parts.items() if not k.endswith("attn")), counts
+
+
 def test_all_runs_each_benchmark_and_keeps_going_after_a_failure(tmp_path):
     (tmp_path / "train.json").mkdir()  # train's JSON cannot be written: that benchmark fails
     result = subprocess.run([sys.executable, "bench.py", "all", "--cpu-smoke", "--json-dir", str(tmp_path)],
