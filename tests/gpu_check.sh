@@ -2,7 +2,8 @@
 # The GPU tests, then the benchmarks, in one call of under 10 minutes (what the README's GPU figures
 # come from). Each step has its own time limit, cut short when the whole run nears $BUDGET seconds; a
 # benchmark stopped by it (SIGINT) still saves the rows it measured. The log and every JSON go to $OUT
-# (default: bench_results/ in the repository root). Run it as `bash tests/gpu_check.sh`. Steps, in order of what is least known:
+# (default: bench_results/ in the repository root). Run it as `bash tests/gpu_check.sh`. The steps,
+# the least known first:
 #   tests            the GPU tests (bf16/fp16 kernel, determinism, CUDA graphs, a GPU training run)
 #   attention        the kernel's first launch configs (MAGMA_FLASH_AUTOTUNE=0) vs the SDPA backends
 #   attention_tuned  the same shapes autotuned, with the configs the autotuner chose in each row's note
