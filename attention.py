@@ -632,8 +632,8 @@ IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 3
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 INTERPRET_DECODE_BLOCK_N = 16
 # Decode (Tq = 1): (BLOCK_N keys per step, num_warps, num_stages) per padded head dim. The loop streams
-# a (BLOCK_N, D) key tile and a value tile per step, 16 KB each in 16 bits, 3 steps deep: 96 KB of
-# shared memory, two programs per SM. fp32 inputs take half the keys per step (the tiles are twice as
+# a (BLOCK_N, D) key tile and a value tile per step (16 KB each in 16 bits at D >= 64), several steps
+# ahead: 70-73 KiB of shared memory at D >= 32 (ptxas), three programs per SM. fp32 inputs take half the keys per step (the tiles are twice as
 # large), and exact fp32 dots far fewer (they hold operand rows in registers; see IEEE_CONFIGS).
 DECODE_CONFIGS = {16: (128, 4, 3), 32: (256, 4, 3), 64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 DECODE_CONFIGS_TF32 = {16: (128, 4, 2), 32: (128, 4, 2), 64: (64, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}
@@ -971,6 +971,9 @@ class _EagerFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        if torch.is_grad_enabled():  # autograd.grad(..., create_graph=True): the kernels have no 2nd derivative
+            raise RuntimeError("flash_attention has no double backward (create_graph=True); use "
+                               "attention(..., impl='sdpa') or impl='reference' for higher derivatives")
         q, k, v, o, lse2, kpm = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
         kpm, kpm_stride = _as_kpm(kpm, q)

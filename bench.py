@@ -860,7 +860,7 @@ def bench_generate(args):
                 continue
             tflops = B * flops / (ms * 1e-3) / 1e12
             row.update(ms=ms, ms_per_step=ms / new, tokens_per_s=B * new / (ms * 1e-3), tflops=tflops,
-                       mfu_pct=100 * tflops / peak if peak else None,
+                       mfu_pct=100 * tflops / peak if peak and dtype != torch.float32 else None,  # a bf16 peak
                        peak_gib=peak_gib(device, resident=other_weights[assembly]))
             if captures:
                 row["capture_ms"] = statistics.median(captures)

@@ -255,7 +255,7 @@ def run_scale_check(torch, A):
 
 def run_partial_grads_check(torch, A):
     """Only some inputs need a gradient (a frozen projection upstream of q, say; dQ is then never
-    computed): those asked for equal the reference's."""
+    computed): those asked for equal the reference's. create_graph=True raises."""
     g = torch.Generator().manual_seed(12)
     base = [torch.randn(2, 2, 21, 16, generator=g) for _ in range(3)]
     do = torch.randn(2, 2, 21, 16, generator=g)
@@ -267,7 +267,16 @@ def run_partial_grads_check(torch, A):
         got, want = (torch.autograd.grad(t, leaves, do) for t in (out, ref))
         res[f"err_{'qkv'[wanted[0]]}{len(wanted)}"] = max((a - b).abs().max().item()
                                                          for a, b in zip((out, *got), (ref, *want)))
-    res["ok"] = all(e <= FP32_TOL for key, e in res.items() if key.startswith("err"))
+    # A gradient that is to be differentiated again is refused, not silently made constant (the
+    # kernels have no second derivative)
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    try:
+        torch.autograd.grad(A.flash_attention(q, k, v, True).sum(), q, create_graph=True)
+        res["double_backward"] = "not refused"
+    except RuntimeError as e:
+        res["double_backward"] = str(e).splitlines()[0][:120]
+    res["ok"] = all(e <= FP32_TOL for key, e in res.items() if key.startswith("err")) and (
+        "no double backward" in res["double_backward"])
     return res
 
 
