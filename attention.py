@@ -633,8 +633,10 @@ INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 1
 INTERPRET_DECODE_BLOCK_N = 16
 # Decode (Tq = 1): (BLOCK_N keys per step, num_warps, num_stages) per padded head dim. The loop streams
 # a (BLOCK_N, D) key tile and a value tile per step (16 KB each in 16 bits at D >= 64), several steps
-# ahead: 70-73 KiB of shared memory at D >= 32 (ptxas), three programs per SM. fp32 inputs take half the keys per step (the tiles are twice as
-# large), and exact fp32 dots far fewer (they hold operand rows in registers; see IEEE_CONFIGS).
+# ahead: 70-73 KiB of shared memory at D >= 32 (ptxas), three programs per SM. fp32 inputs take half
+# the keys per step (the tiles are twice as large), and exact fp32 dots far fewer (they hold operand
+# rows in registers; see IEEE_CONFIGS). Compiled for sm_90a under Triton 3.6 and 3.9, every entry is
+# software-pipelined and spills nothing (tests/attention_ptxas_check.py --kernels decode).
 DECODE_CONFIGS = {16: (128, 4, 3), 32: (256, 4, 3), 64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 DECODE_CONFIGS_TF32 = {16: (128, 4, 2), 32: (128, 4, 2), 64: (64, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}
 DECODE_CONFIGS_IEEE = {16: (32, 4, 2), 32: (32, 4, 2), 64: (16, 4, 2), 128: (16, 4, 2), 256: (16, 4, 2)}
