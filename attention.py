@@ -913,6 +913,13 @@ def _forward(q, k, v, kpm, causal, scale):
         return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
 
 
+def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq):
+    """dq (None unless need_dq), dk, dv from what the forward saved; kpm as in _forward."""
+    kpm, kpm_stride = _as_kpm(kpm, q)
+    with _device_guard(q):
+        return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq)
+
+
 @torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
                 causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -929,9 +936,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse2: torch.Tensor, kpm: Optional[torch.Tensor], causal: bool, scale: float,
                  need_dq: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (empty when not needed), dk, dv."""
-    kpm, kpm_stride = _as_kpm(kpm, q)
-    with _device_guard(q):
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq)
+    dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq)
     return (dq if need_dq else q.new_empty(0)), dk, dv
 
 
@@ -959,10 +964,10 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerFlashAttention(torch.autograd.Function):
-    """The same forward and backward for eager training, without the custom operators: their Python
-    dispatch and autograd wrapper cost the host more than the launches themselves. Measured on this
-    project's 2-core CPU VM with the kernel launches stubbed out, a forward+backward took ~240-390 us
-    through the operators and ~105-190 us through this Function (eager inference: ~8-18 us)."""
+    """The same forward and backward for eager training, without the custom operators, whose Python
+    dispatch and autograd wrapper cost the host about twice as much: measured on this project's 2-core
+    CPU VM with the kernel launches stubbed out, a forward+backward took ~240-390 us through the
+    operators and ~105-190 us through this Function (eager inference: ~8-18 us)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kpm, causal, scale):
@@ -973,14 +978,11 @@ class _EagerFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        if torch.is_grad_enabled():  # autograd.grad(..., create_graph=True): the kernels have no 2nd derivative
+        if torch.is_grad_enabled():  # autograd.grad(..., create_graph=True): no 2nd derivative here
             raise RuntimeError("flash_attention has no double backward (create_graph=True); use "
                                "attention(..., impl='sdpa') or impl='reference' for higher derivatives")
         q, k, v, o, lse2, kpm = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        kpm, kpm_stride = _as_kpm(kpm, q)
-        with _device_guard(q):
-            dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, ctx.causal, kpm, kpm_stride, ctx.scale, need_dq)
+        dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, ctx.needs_input_grad[0])
         return dq, dk, dv, None, None, None
 
 
