@@ -177,6 +177,22 @@ class KVCache:
         return K[:, :, :end].to(k.dtype), V[:, :, :end].to(v.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, except that a bf16/fp16 model under autocast normalises in its own dtype.
+
+    CUDA autocast runs every LayerNorm in fp32: a bf16 input is copied to fp32 and the fp32 output
+    is copied back to bf16 by the matmul that reads it, with the same round trip again for the
+    gradient. When the input already has the weights' dtype, the plain kernel is used instead: it
+    accumulates the mean and variance in fp32 and rounds once at the end: the bf16 numbers the matmul
+    would have read (to fp32 rounding), without the fp32 copies of a (B, T, C) tensor."""
+
+    def forward(self, x):
+        if x.dtype == self.weight.dtype and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x)
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused qkv projection laid out as [q; k; v]."""
 
@@ -225,10 +241,10 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel = config.parallel_residual
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
         if not config.shared_ln:
-            self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+            self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, key_padding_mask=None, cache=None):
@@ -252,7 +268,7 @@ class GPT(nn.Module):
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         layers.update(drop=nn.Dropout(config.dropout),
                       h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                      ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps))
+                      ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps))
         self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         self.apply(self._init_weights)

@@ -248,6 +248,54 @@ def test_cuda_graph_decoding_equals_eager(models, name, impl, monkeypatch, no_tf
     assert torch.equal(eager.cpu(), on_cpu)
 
 
+def test_layernorm_of_a_16_bit_model_stays_16_bit_under_autocast():
+    """A bf16 model's LayerNorm under autocast returns bf16, the fp32 computation's numbers to within
+    one bf16 rounding step (the plain kernel accumulates in fp32 too); fp32 weights keep the usual path."""
+    torch.manual_seed(0)
+    ln = gpt.LayerNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.1)
+        ln.bias.normal_(0.0, 0.1)
+    x = (3 * torch.randn(4, 33, 64) + 1).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x)
+        y32 = gpt.LayerNorm(64)(x.float())
+    exact = torch.nn.functional.layer_norm(x.float(), (64,), ln.weight.float(), ln.bias.float())
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    assert ((y.float() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+    assert (y == exact.to(torch.bfloat16)).float().mean() > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+def test_bf16_model_under_cuda_autocast_makes_no_fp32_activations(models):
+    """CUDA autocast would run each LayerNorm in fp32: fp32 copies of (B, T, C) tensors, forward and
+    backward. A bf16 model (train.py --lm_dtype bf16, frozen) keeps every activation in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Activations(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.seen = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == self.shape:
+                    self.seen.append(str(func))
+            return out
+
+    model = GPT(models["gpt2"].config).cuda().to(torch.bfloat16).requires_grad_(False)
+    model.load_state_dict(models["gpt2"].state_dict())
+    x = model.transformer.wte(random_ids(2, 16).cuda()).detach().requires_grad_()  # (B, T, C) bf16
+    mode = Fp32Activations(x.shape)
+    with mode:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model(inputs_embeds=x, return_hidden=True)
+        (hidden * hidden).sum().backward()  # a bf16 loss: any fp32 (B, T, C) tensor is the model's
+    assert hidden.dtype == torch.bfloat16 and x.grad is not None
+    assert mode.seen == [], f"fp32 activations made by {mode.seen}"
+
+
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_left_padded_batch_generation_equals_per_row(refs, models, name):
     model = models[name]

@@ -517,6 +517,41 @@ def test_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_quick_gelu_mlp_is_one_silu_each_way():
+    """The MLP computes c_proj(x * sigmoid(1.702 x)) as SiLU with 1.702 folded into the weights: the
+    same output and gradients as the formula (fp32), and one elementwise pass over the (B, T, hidden)
+    activation forward and one backward, where the formula takes three and five."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ActivationPasses(TorchDispatchMode):  # ops (not matmuls or views) with a (B, T, hidden) output
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view \
+                    and func not in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.ops.append(func.__name__)
+            return out
+
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=None)
+    mlp = perturb_(vit.MLP(cfg))
+    x = (2 * torch.randn(2, 17, 32)).requires_grad_()
+    results = []
+    for fused in (True, False):
+        mlp.zero_grad()
+        x.grad = None
+        mode = ActivationPasses(2 * 17 * cfg.hidden)
+        with mode:
+            y = mlp(x) if fused else mlp.c_proj(vit.quick_gelu(mlp.c_fc(x)))
+            y.square().sum().backward()
+        results.append([y, x.grad] + [p.grad for p in mlp.parameters()])
+        if fused:
+            assert mode.ops == ["silu.default", "silu_backward.default"], mode.ops
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(*results))  # fp32 rounding
+
+
 @pytest.mark.parametrize("which", ["hf", "openai", "open_clip"])
 def test_cli_compare(hf_clip, openai_clip, open_clip_models, which, capsys, tmp_path, monkeypatch):
     """`python vit.py PATH --image photo.jpg --compare`, as a user runs it; user errors are one line."""
