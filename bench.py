@@ -225,6 +225,23 @@ def refusal(fn, q, k, v, causal):
             return "; ".join(why[:2]) or str(e).strip().split("\n")[0]
 
 
+def kernel_times_us(fn, calls=5):
+    """GPU microseconds per fn() call of each kernel it launches, from torch.profiler's CUDA events:
+    {"_bwd_dkdv_kernel": 151.2, ...}, in launch order. A warm call first, so nothing compiles inside."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / calls  # this launch
+    return times
+
+
 def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
     """Where the Triton kernel's time goes: its forward and backward launchers on their own (no
     autograd), each timed called back to back and, on a GPU, replayed from a CUDA graph, which takes
@@ -248,6 +265,9 @@ def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
                     fn()
                 times[name] = time_ms(graph.replay, warmup, iters, cuda)
                 del graph
+            kernels = {**kernel_times_us(fwd), **kernel_times_us(bwd)}
+            times["kernel_us"] = ", ".join(f"{name.strip('_').removesuffix('_kernel')} {us:.0f}"
+                                           for name, us in kernels.items())
     tuned = A.tuned_configs(q.shape[-1])
     if tuned:
         times["note"] = "autotuned: " + ", ".join(f"{k} {v}" for k, v in tuned.items())
@@ -275,9 +295,10 @@ def bench_attention(args):
                  "credited with the algorithm's 5 matmuls; the Triton kernel runs 7)",
         "breakdown": "triton rows: fwd_graph_ms, the forward launcher replayed from a CUDA graph (no host "
                      "time); bwd_ms, the backward launcher alone, called back to back; bwd_graph_ms, it "
-                     "replayed from a CUDA graph",
+                     "replayed from a CUDA graph; kernel_us, each kernel's GPU time per call (torch.profiler)",
         "columns": ["shape", "B,H,Tq,Tk,D", "causal", "impl", "fwd_ms", "fwd_tflops", "fwdbwd_ms",
-                    "fwdbwd_tflops", "fwd_graph_ms", "bwd_ms", "bwd_graph_ms", "fwd_us", "GB/s", "note"]})
+                    "fwdbwd_tflops", "fwd_graph_ms", "bwd_ms", "bwd_graph_ms", "kernel_us", "fwd_us", "GB/s",
+                    "note"]})
     for name, B, H, Tq, Tk, D, causal in shapes:
         decode = Tq == 1
         g = torch.Generator(device=device).manual_seed(0)

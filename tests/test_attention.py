@@ -333,6 +333,34 @@ def test_gpu_fp32_and_dispatcher(monkeypatch):
 
 
 @cuda
+def test_gpu_launches_never_wait_for_the_gpu():
+    """Forward, backward and decode queue their kernels without a host-device synchronisation (a read
+    of a GPU value, a blocking copy), which would stall the host once per layer of a model."""
+    q, k, v, do, kpm = gpu_inputs(GPU_SHAPES[2], torch.bfloat16)  # causal, padded
+    run = lambda: (grads_of(lambda *a: A.flash_attention(*a, True, kpm), q, k, v, do),
+                   A.flash_attention(q[:, :, -1:], k, v, key_padding_mask=kpm))
+    run()  # compiles the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_gpu_kernel_times_name_each_kernel():
+    """bench.py's per-kernel GPU times (torch.profiler) find the forward's kernel and the backward's three."""
+    import bench
+    q, k, v, do, _ = gpu_inputs(GPU_SHAPES[0], torch.bfloat16)
+    o, lse2 = A._flash_forward(q, k, v, False, q, 0, 0.125)
+    times = bench.kernel_times_us(lambda: A._flash_forward(q, k, v, False, q, 0, 0.125))
+    assert list(times) == ["_fwd_kernel"] and times["_fwd_kernel"] > 0
+    times = bench.kernel_times_us(lambda: A._flash_backward(do, q, k, v, o, lse2, False, q, 0, 0.125))
+    assert list(times) == ["_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"], times
+
+
+@cuda
 def test_gpu_more_rows_than_one_grid():
     """B*H past CUDA's 65535 limit on grid axis 1: the launchers run the batch in slices."""
     B, H = A.MAX_GRID_Y // 16 + 3, 16
