@@ -711,8 +711,9 @@ def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None)
     return step
 
 
-def timed_training(model, inputs, compile_, warmup, iters):
-    """Fused AdamW (on CUDA) over the trainable parameters; the first step's loss and the median step time."""
+def timed_training(model, inputs, compile_, warmup, iters, kernels=None):
+    """Fused AdamW (on CUDA) over the trainable parameters; the first step's loss and the median step time.
+    On a GPU, a dict passed as `kernels` receives each kernel's GPU microseconds per step."""
     from adapters import trainable_parameters
     cuda = inputs[0].device.type == "cuda"
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, fused=cuda)
@@ -723,7 +724,13 @@ def timed_training(model, inputs, compile_, warmup, iters):
     # Before any update every row has the same weights, so eager rows agree to bf16 rounding; a compiled
     # row differs a little more (inductor draws its own dropout mask).
     loss0 = step().item()
-    return loss0, time_ms(step, warmup, iters, cuda)
+    ms = time_ms(step, warmup, iters, cuda)
+    if kernels is not None and cuda:
+        try:
+            kernels.update(kernel_times_us(step, calls=2))
+        except Exception as e:  # a diagnostic: the row keeps its timing
+            print(f"  kernel times n/a: {failure_note(e)}", file=sys.stderr)
+    return loss0, ms
 
 
 def throughput(row, ms, batch, tokens_per_sample, flops_per_sample, peak):
@@ -771,9 +778,12 @@ def bench_train(args):
                 "takes logits at every position): transformers_extra_flops_per_sample, not credited, and "
                 "fp32 logits that count in its peak memory; x_*_vs_tf compare with the `transformers` row "
                 "(fp32 frozen LM), x_*_vs_tf_same_lm with the transformers row whose LM has the same dtype",
-        "columns": ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "samples_per_s",
-                    "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf", "x_memory_vs_tf",
-                    "x_samples_vs_tf_same_lm", "x_memory_vs_tf_same_lm", "note"]}, finish=train_ratios)
+        "kernels": "gpu_busy_ms: the kernels' GPU time in one step (torch.profiler); top_kernels_ms: the 20 "
+                   "longest kernels by total time per step",
+        "columns": ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "gpu_busy_ms",
+                    "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf",
+                    "x_memory_vs_tf", "x_samples_vs_tf_same_lm", "x_memory_vs_tf_same_lm", "note"]},
+        finish=train_ratios)
     for name in names:
         assembly, lm_weights, impl, compile_ = TRAIN_VARIANTS[name]
         row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "compile": compile_}
@@ -787,9 +797,14 @@ def bench_train(args):
             model = copy.deepcopy(masters[assembly])
             cast_frozen(model.lm, DTYPES[lm_weights])  # adapters.cast_frozen, as train.py --lm_dtype does
             model.to(device).train()
+            kernels = {}
             with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
-                row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters)
+                row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters, kernels)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
+            if kernels:  # GPU busy time below ms_per_step: the host, not the GPU, sets the pace
+                row["gpu_busy_ms"] = sum(kernels.values()) / 1e3
+                top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+                row["top_kernels_ms"] = {name[:100]: round(us / 1e3, 3) for name, us in top}
             row["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
             oom = True
