@@ -361,16 +361,20 @@ def bench_attention(args):
 # wraps its MLPs exactly as it wraps ours. tests/test_bench.py checks on a tiny config that the two
 # assemblies give the same loss (fp32) and the same greedy tokens.
 
-# name: (assembly, frozen LM weights, attention impl (ours: attention.py's MAGMA_ATTENTION), torch.compile)
+# name: (assembly, frozen LM weights, attention impl (ours: attention.py's MAGMA_ATTENTION), mode)
 # Every row runs under bf16 autocast; "lm_weights" is the dtype the frozen LM's weights are held in.
+# mode: "eager"; "compile", torch.compile(model); "graph", the whole step (forward, backward, optimizer)
+# recorded once as a CUDA graph and replayed, which takes the host's launch overhead out of the step.
 TRAIN_VARIANTS = {
-    "transformers": ("transformers", "fp32", "sdpa", False),
-    "transformers-bf16lm": ("transformers", "bf16", "sdpa", False),
-    "ours-fp32lm": ("ours", "fp32", "auto", False),
-    "ours-sdpa": ("ours", "bf16", "sdpa", False),
-    "ours": ("ours", "bf16", "auto", False),
-    "ours-compile": ("ours", "bf16", "auto", True),
-    "ours-sdpa-compile": ("ours", "bf16", "sdpa", True),  # in case the Triton kernel splits the compiled graph
+    "transformers": ("transformers", "fp32", "sdpa", "eager"),
+    "transformers-bf16lm": ("transformers", "bf16", "sdpa", "eager"),
+    "ours-fp32lm": ("ours", "fp32", "auto", "eager"),
+    "ours-sdpa": ("ours", "bf16", "sdpa", "eager"),
+    "ours": ("ours", "bf16", "auto", "eager"),
+    "ours-sdpa-graph": ("ours", "bf16", "sdpa", "graph"),
+    "ours-graph": ("ours", "bf16", "auto", "graph"),
+    "ours-compile": ("ours", "bf16", "auto", "compile"),
+    "ours-sdpa-compile": ("ours", "bf16", "sdpa", "compile"),  # in case the Triton kernel splits the graph
 }
 # name: (assembly, attention impl, decode step replayed as a CUDA graph (gpt.DecodeStep))
 GENERATE_VARIANTS = {
@@ -695,7 +699,7 @@ def generate_flops(lm, vit, adapters, image_tokens, prompt_len, new_tokens):
     }
 
 
-def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None):
+def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None, autocast_cache=True):
     """One optimizer step under bf16 autocast: a closure for time_ms, returning the loss tensor."""
     # Not `compiled or model`: truth-testing a compiled module asks the module inside for its len(),
     # which a model is not, so that raised TypeError (seen on the H200 in the ours-compile row).
@@ -703,7 +707,7 @@ def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, cache_enabled=autocast_cache):
             loss = forward(pixels, input_ids, text_mask)
         loss.backward()
         optimizer.step()
@@ -711,19 +715,47 @@ def training_step(model, optimizer, pixels, input_ids, text_mask, compiled=None)
     return step
 
 
-def timed_training(model, inputs, compile_, warmup, iters, kernels=None):
-    """Fused AdamW (on CUDA) over the trainable parameters; the first step's loss and the median step time.
-    On a GPU, a dict passed as `kernels` receives each kernel's GPU microseconds per step."""
+def graphed(step, warmup=3):
+    """step, recorded once into a CUDA graph: a function that replays it and returns its loss tensor.
+    PyTorch's whole-network capture: a few eager steps on a side stream first (they allocate the
+    optimizer's state and compile and autotune the Triton kernels), then one step recorded; each replay
+    then writes the same gradient, activation and loss buffers, drawing new dropout masks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()  # step() sets the gradients to None first: backward allocates them in the graph
+
+    def replay():
+        graph.replay()
+        return loss
+    return replay
+
+
+def timed_training(model, inputs, mode, warmup, iters, kernels=None):
+    """Fused AdamW (on CUDA) over the trainable parameters; the first step's loss and the median step
+    time. mode: "eager", "compile" or "graph" (TRAIN_VARIANTS). On a GPU, a dict passed as `kernels`
+    receives each kernel's GPU microseconds per step."""
     from adapters import trainable_parameters
     cuda = inputs[0].device.type == "cuda"
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, fused=cuda)
-    if compile_:
+    if mode == "graph" and not cuda:
+        raise ValueError("CUDA graphs need a GPU")
+    # capturable: the optimizer keeps its step count on the GPU, so that a replay advances it
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, fused=cuda, capturable=mode == "graph")
+    if mode == "compile":
         torch._dynamo.reset()  # each compiled row traces its own copy afresh (no guards left from the last)
-    step = training_step(model, optimizer, *inputs, compiled=torch.compile(model) if compile_ else None)
+    step = training_step(model, optimizer, *inputs, compiled=torch.compile(model) if mode == "compile" else None,
+                         autocast_cache=mode != "graph")  # (autocast's cast cache is not for capture)
     torch.manual_seed(0)  # the same prefix-dropout mask for every eager row's first step
     # Before any update every row has the same weights, so eager rows agree to bf16 rounding; a compiled
     # row differs a little more (inductor draws its own dropout mask).
     loss0 = step().item()
+    if mode == "graph":
+        step = graphed(step)
     ms = time_ms(step, warmup, iters, cuda)
     if kernels is not None and cuda:
         try:
@@ -780,16 +812,17 @@ def bench_train(args):
                 "(fp32 frozen LM), x_*_vs_tf_same_lm with the transformers row whose LM has the same dtype",
         "kernels": "gpu_busy_ms: the kernels' GPU time in one step (torch.profiler); top_kernels_ms: the 20 "
                    "longest kernels by total time per step",
-        "columns": ["variant", "lm_weights", "attention", "compile", "loss0", "ms_per_step", "gpu_busy_ms",
+        "columns": ["variant", "lm_weights", "attention", "mode", "loss0", "ms_per_step", "gpu_busy_ms",
                     "samples_per_s", "tokens_per_s", "tflops", "mfu_pct", "peak_gib", "x_samples_vs_tf",
                     "x_memory_vs_tf", "x_samples_vs_tf_same_lm", "x_memory_vs_tf_same_lm", "note"]},
         finish=train_ratios)
     for name in names:
-        assembly, lm_weights, impl, compile_ = TRAIN_VARIANTS[name]
-        row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "compile": compile_}
+        assembly, lm_weights, impl, mode = TRAIN_VARIANTS[name]
+        row = {"variant": name, "lm_weights": lm_weights, "attention": impl, "mode": mode}
         rows.append(row)
-        if compile_ and smoke:
-            row["note"] = "n/a: torch.compile is left out of the CPU smoke run"
+        if mode != "eager" and smoke:
+            row["note"] = {"compile": "n/a: torch.compile is left out of the CPU smoke run",
+                           "graph": "n/a: CUDA graphs need a GPU"}[mode]
             continue
         free_memory()
         oom = False
@@ -799,7 +832,7 @@ def bench_train(args):
             model.to(device).train()
             kernels = {}
             with attention_impl(impl) if assembly == "ours" else contextlib.nullcontext():
-                row["loss0"], ms = timed_training(model, inputs, compile_, warmup, iters, kernels)
+                row["loss0"], ms = timed_training(model, inputs, mode, warmup, iters, kernels)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
             if kernels:  # GPU busy time below ms_per_step: the host, not the GPU, sets the pace
                 row["gpu_busy_ms"] = sum(kernels.values()) / 1e3
@@ -971,7 +1004,7 @@ def bench_big(args):
         try:
             inputs = train_inputs(batch, vit_config.image_size, text_len, lm_config.vocab_size, device)
             with attention_impl(impl):
-                _, ms = timed_training(model, inputs, False, warmup, iters)  # (one model trains on: no loss0 column)
+                _, ms = timed_training(model, inputs, "eager", warmup, iters)  # (one model trains on: no loss0 column)
             throughput(row, ms, batch, image_tokens + text_len, flops, peak)
             row["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
