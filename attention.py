@@ -679,7 +679,7 @@ def tuned_configs(head_dim):
     bench.py's notes); empty when it has not run (MAGMA_FLASH_AUTOTUNE=0, fp32 inputs, no GPU)."""
     if TRITON_IMPORT_ERROR is not None:
         return {}
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, _pow2(head_dim))
     chosen = {}
     for name in KERNELS:
         best = getattr(_autotuned(name, block_d), "best_config", None)  # set by the tuner's first run
@@ -706,9 +706,16 @@ def _launch(name, block_d, grid, args, consts):
 # Host side: checks, the forward/backward launchers and their autograd wiring (custom operators)
 # ------------------------------------------------------------------------------------------------
 
-def _bucket(n):
-    """The power of two >= n: lengths and batch*heads enter the autotuner's key as buckets."""
+def _pow2(n):
+    """The smallest power of two >= n: the padded head dim, and the buckets of lengths and batch*heads
+    in the autotuner's key. (triton.next_power_of_2 and triton.cdiv work on the host too, but as
+    Triton functions they cost ~5 us a call, several per attention call: these two are plain Python.)"""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a, b):
+    """ceil(a / b) for ints a >= 0, b > 0."""
+    return -(-a // b)
 
 
 def _flash_check(q, k, v, key_padding_mask):
@@ -793,21 +800,21 @@ def _decode_splits(BH, Tk, block_n, device):
     `bench.py attention` compares 1, 4 and 16 splits on the decode shape)."""
     if device.type != "cuda":
         return 1
-    return max(1, min(triton.cdiv(4 * _sm_count(device), BH), triton.cdiv(Tk, 2 * block_n), MAX_DECODE_SPLITS))
+    return max(1, min(_cdiv(4 * _sm_count(device), BH), _cdiv(Tk, 2 * block_n), MAX_DECODE_SPLITS))
 
 
 def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     """Forward for Tq == 1 by split-K flash-decoding: returns o (B, H, 1, D) and lse2 (B, H, 1)."""
     B, H, _, D = q.shape
     Tk = k.shape[2]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     precision = _precision(q.dtype)
     block_n, warps, stages = _decode_config(block_d, q.dtype, precision)
     if num_splits is None:
         num_splits = _decode_splits(B * H, Tk, block_n, q.device)
     num_splits = max(1, min(int(num_splits), Tk, MAX_DECODE_SPLITS))
-    keys_per_split = triton.cdiv(triton.cdiv(Tk, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(Tk, keys_per_split)  # no empty splits
+    keys_per_split = _cdiv(_cdiv(Tk, num_splits), block_n) * block_n
+    num_splits = _cdiv(Tk, keys_per_split)  # no empty splits
     o_part = torch.empty(B * H, num_splits, block_d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B * H, num_splits, device=q.device, dtype=torch.float32)
     _decode_kernel[(num_splits, B * H)](
@@ -820,7 +827,7 @@ def _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, num_splits):
     lse2 = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     _decode_merge_kernel[(B * H,)](
         o_part, lse_part, o, lse2, o.stride(0), o.stride(1), o.stride(3), H, num_splits,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _pow2(num_splits)), num_warps=4,
         **LAUNCH_OPTIONS)
     return o, lse2
 
@@ -851,12 +858,12 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
         return _flash_decode_forward(q, k, v, kpm, kpm_stride, qk_scale, decode_splits)
     o = torch.empty_like(q)  # keeps q's memory layout, so a (B, T, H, D)-ordered q gives such an o
     lse2 = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     args = (q, k, v, o, lse2, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            kpm_stride, H, Tq, Tk, qk_scale, _bucket(Tq), _bucket(Tk), _bucket(B * H))
+            kpm_stride, H, Tq, Tk, qk_scale, _pow2(Tq), _pow2(Tk), _pow2(B * H))
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
                   PRECISION=_precision(q.dtype))
-    _launch("fwd", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, consts)
+    _launch("fwd", block_d, lambda bm, bn: (_cdiv(Tq, bm), B * H), args, consts)
     return o, lse2
 
 
@@ -875,21 +882,21 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
             if need_dq:
                 dq[s] = dqs
         return (dq if need_dq else None), dk, dv
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     qk_scale = scale * LOG2E
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+    _bwd_delta_kernel[(_cdiv(Tq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, **LAUNCH_OPTIONS)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_KPM=kpm is not q,
                   PRECISION=_precision(q.dtype))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _bucket(Tq), _bucket(Tk), _bucket(B * H))
-    _launch("dkdv", block_d, lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
+    tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _pow2(Tq), _pow2(Tk), _pow2(B * H))
+    _launch("dkdv", block_d, lambda bm, bn: (_cdiv(Tk, bn), B * H),
             (q, k, v, do, lse2, delta, kpm, dk, dv, *common, *dk.stride(), *dv.stride(), *tail), consts)
     if not need_dq:
         return None, dk, dv
-    _launch("dq", block_d, lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+    _launch("dq", block_d, lambda bm, bn: (_cdiv(Tq, bm), B * H),
             (q, k, v, do, lse2, delta, kpm, dq, *common, *dq.stride(), *tail), consts)
     return dq, dk, dv
 
