@@ -58,6 +58,14 @@ block has exactly one owner, so there are no atomic additions and the result is 
 deterministic for a given launch config (FlashAttention-2's single kernel with atomic dQ updates is
 faster on some shapes but not reproducible). The price: both kernels need S (hence P) and dP, so
 each computes them itself, seven matmuls in all where the algorithm needs five (see FLOPs below).
+One-kernel backward (experimental: MAGMA_FLASH_BACKWARD=fused, 16-bit inputs on a GPU). One program
+per (batch, head) walks its key blocks one after another; for each it loops over the query blocks
+that see it, accumulating dK and dV in registers as above, and adds the block's share of dQ (dS K)
+into an fp32 buffer by atomic additions. One program makes every addition to its rows of that
+buffer, in key-block order, so the sum is still deterministic; S and dP are computed once, five
+matmuls instead of seven, in one launch instead of two. The price is parallelism, B*H programs: it
+is meant for many heads of short sequences (a ViT's 64 x 12 heads of 197 tokens), where each program
+of the two-kernel backward sees only a few blocks. `bench.py attention` times it (`triton-fusedbwd`).
 The autotuner picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins
 the first config of each list for runs that must repeat. Accumulation is fp32 throughout.
 
@@ -495,6 +503,93 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
                 HEAD_DIM, BLOCK_D)
 
 
+# An experimental one-kernel backward (MAGMA_FLASH_BACKWARD=fused; "One-kernel backward" above).
+
+@triton.jit
+def _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base, start_m, offs_n,
+                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """_bwd_dkdv_block's work, plus this key block's share of dQ for queries [start_m, +BLOCK_M)."""
+    rows = start_m + tl.arange(0, BLOCK_M)                                   # (BLOCK_M,) queries
+    q = _load_rows(q_base, rows, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D)    # (BLOCK_M, D)
+    do = _load_rows(do_base, rows, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(lse_base + rows, mask=rows < Tq, other=float("inf"))     # (BLOCK_M,)
+    delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale       # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(sT - lse2[None, :])                                    # P^T
+    if MASK:
+        if CAUSAL:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), pT, 0.0)
+    # Unlike in the dK/dV kernel, keys past Tk and padded keys must not reach dQ: for keys past Tk
+    # (loaded as k = 0) s = 0 and exp2(-lse2) may overflow, and inf * 0 is NaN.
+    pT = tl.where(keep[:, None], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)            # dV += P^T dO
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # dP^T = V dO^T
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)                          # dS^T
+    dk += tl.dot(dsT, q, input_precision=PRECISION)                         # dK += dS^T Q
+    dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)                # (BLOCK_M, D): dS K
+    ptrs = dq_base + rows[:, None] * BLOCK_D + offs_d[None, :]
+    tl.atomic_add(ptrs, dq, mask=rows[:, None] < Tq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=SHAPE_ARGS)
+def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
+                      stride_qb, stride_qh, stride_qm, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd,
+                      stride_dob, stride_doh, stride_dom, stride_dod,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                      stride_kpm, H, Tq, Tk, qk_scale, sm_scale, TQ_BUCKET, TK_BUCKET, BH_BUCKET,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                      HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV and dQ of one (batch, head): its key blocks one after another, each looping over the
+    query blocks that see it; dQ is summed in the fp32 buffer DQACC (B*H, Tq, BLOCK_D)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + pid_bh * Tq
+    delta_base = DELTA + pid_bh * Tq
+    dq_base = DQACC + pid_bh.to(tl.int64) * Tq * BLOCK_D
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)                            # (BLOCK_N,) keys
+        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk,
+                       HEAD_DIM, BLOCK_D)                                    # (BLOCK_N, D)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk,
+                       HEAD_DIM, BLOCK_D)
+        keep = offs_n < Tk                                                   # (BLOCK_N,) real keys
+        if HAS_KPM:
+            keep = keep & (tl.load(KPM + b * stride_kpm + offs_n, mask=keep, other=0) != 0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:  # the query ranges of _bwd_dkdv_kernel
+            lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+            full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+            masked_end = tl.minimum(full, Tq)
+        else:
+            lo = 0
+            full = 0
+            masked_end = 0
+        for start_m in range(lo, masked_end, BLOCK_M):
+            dk, dv = _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base,
+                                      start_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
+                                      Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
+        for start_m in range(full, Tq, BLOCK_M):
+            dk, dv = _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base,
+                                      start_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
+                                      Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION)
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn,
+                    stride_dkd, Tk, HEAD_DIM, BLOCK_D)
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
+                    HEAD_DIM, BLOCK_D)
+
+
 # The decode path for Tq = 1 ("Decoding" above): split the keys over programs, then merge.
 
 @triton.jit(do_not_specialize=["H", "Tk", "keys_per_split", "stride_kpm"])
@@ -611,6 +706,18 @@ DKDV_CONFIGS = {
     128: [(32, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3)],
     256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
 }
+# The one-kernel backward (MAGMA_FLASH_BACKWARD=fused, 16-bit inputs): (BLOCK_M queries streamed,
+# BLOCK_N keys held, warps, stages), the dK/dV kernel's tiles with one more dot and the dQ atomics.
+# ptxas (sm_90a, bf16): 178-255 registers; spills: 56 bytes for (64, 128) at D = 64 without the
+# causal mask under Triton 3.6, 8 bytes at D = 128 with a key padding mask under 3.9, none otherwise;
+# (64, 64) tiles spilled 52-192 bytes at D 64 and 128 and were dropped.
+FUSED_BWD_CONFIGS = {
+    16: [(32, 128, 4, 3), (64, 64, 4, 3)],
+    32: [(32, 128, 4, 3), (64, 64, 4, 3)],
+    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
+    128: [(32, 128, 8, 3), (32, 64, 8, 3)],
+    256: [(32, 32, 8, 2), (16, 32, 8, 2)],
+}
 DQ_CONFIGS = {
     16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
     32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
@@ -629,7 +736,8 @@ TF32_CONFIGS_256 = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16
 IEEE_CONFIGS = {64: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (64, 32, 8, 2)},  # D <= 64
                 128: {"fwd": (32, 16, 8, 2), "dkdv": (16, 16, 4, 2), "dq": (16, 16, 4, 2)},
                 256: TF32_CONFIGS_256}
-INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
+                     "fused": (16, 32, 4, 1)}
 INTERPRET_DECODE_BLOCK_N = 16
 # Decode (Tq = 1): (BLOCK_N keys per step, num_warps, num_stages) per padded head dim. The loop streams
 # a (BLOCK_N, D) key tile and a value tile per step (16 KB each in 16 bits at D >= 64), several steps
@@ -643,7 +751,8 @@ DECODE_CONFIGS_IEEE = {16: (32, 4, 2), 32: (32, 4, 2), 64: (16, 4, 2), 128: (16,
 MAX_DECODE_SPLITS = 64  # the merge kernel holds (splits, D) partial outputs in registers
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1, where every kernel puts batch*head
-KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "fused": _bwd_fused_kernel}
+BACKWARDS = ("split", "fused")  # MAGMA_FLASH_BACKWARD: the dK/dV and dQ kernels, or the one-kernel backward
 # Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
 # above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -662,7 +771,8 @@ def _configs(name, block_d, precision=None):
         return [IEEE_CONFIGS[max(64, block_d)][name]]
     if precision == "tf32":
         return [(TF32_CONFIGS_256 if block_d > 128 else TF32_CONFIGS)[name]]
-    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[name][block_d]
+    tables = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "fused": FUSED_BWD_CONFIGS}
+    table = tables[name][block_d]
     return table if os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0" else table[:1]
 
 
@@ -705,6 +815,14 @@ def _launch(name, block_d, grid, args, consts):
 # ------------------------------------------------------------------------------------------------
 # Host side: checks, the forward/backward launchers and their autograd wiring (custom operators)
 # ------------------------------------------------------------------------------------------------
+
+def _backward_kind():
+    """MAGMA_FLASH_BACKWARD: "split" (the default) or "fused" (the experimental one-kernel backward)."""
+    kind = os.environ.get("MAGMA_FLASH_BACKWARD", "split")
+    if kind not in BACKWARDS:
+        raise ValueError(f"unknown MAGMA_FLASH_BACKWARD={kind!r}; choose one of {BACKWARDS}")
+    return kind
+
 
 def _pow2(n):
     """The smallest power of two >= n: the padded head dim, and the buckets of lengths and batch*heads
@@ -867,8 +985,9 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
     return o, lse2
 
 
-def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True):
-    """Launch the backward kernels: delta pre-pass, dK/dV, dQ. Returns dq (None unless need_dq), dk, dv."""
+def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True, fused=False):
+    """Launch the backward kernels: delta pre-pass, dK/dV, dQ (or, fused=True, the one-kernel backward
+    for 16-bit inputs). Returns dq (None unless need_dq), dk, dv."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -878,7 +997,7 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
         for s in _batch_slices(B, H):
             qs = q[s]
             dqs, dk[s], dv[s] = _flash_backward(do[s], qs, k[s], v[s], o[s], lse2[s], causal,
-                                                qs if kpm is q else kpm[s], kpm_stride, scale, need_dq)
+                                                qs if kpm is q else kpm[s], kpm_stride, scale, need_dq, fused)
             if need_dq:
                 dq[s] = dqs
         return (dq if need_dq else None), dk, dv
@@ -892,6 +1011,13 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
                   PRECISION=_precision(q.dtype))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _pow2(Tq), _pow2(Tk), _pow2(B * H))
+    if need_dq and fused and (q.dtype != torch.float32 or INTERPRET):
+        dq_acc = torch.zeros(B * H, Tq, block_d, device=q.device, dtype=torch.float32)  # summed into
+        _launch("fused", block_d, lambda bm, bn: (B * H,),
+                (q, k, v, do, lse2, delta, kpm, dk, dv, dq_acc, *common, *dk.stride(), *dv.stride(), *tail),
+                consts)
+        dq.copy_(dq_acc.view(B, H, Tq, block_d)[..., :D].mul_(scale))  # as dK: S = scale * Q K^T
+        return dq, dk, dv
     _launch("dkdv", block_d, lambda bm, bn: (_cdiv(Tk, bn), B * H),
             (q, k, v, do, lse2, delta, kpm, dk, dv, *common, *dk.stride(), *dv.stride(), *tail), consts)
     if not need_dq:
@@ -920,11 +1046,11 @@ def _forward(q, k, v, kpm, causal, scale):
         return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
 
 
-def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq):
+def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused):
     """dq (None unless need_dq), dk, dv from what the forward saved; kpm as in _forward."""
     kpm, kpm_stride = _as_kpm(kpm, q)
     with _device_guard(q):
-        return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq)
+        return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, fused)
 
 
 @torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
@@ -941,14 +1067,14 @@ def _(q, k, v, kpm, causal, scale):  # shapes only, for torch.compile's tracing
 @torch.library.custom_op("magma::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse2: torch.Tensor, kpm: Optional[torch.Tensor], causal: bool, scale: float,
-                 need_dq: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_dq: bool, fused: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (empty when not needed), dk, dv."""
-    dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq)
+    dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused)
     return (dq if need_dq else q.new_empty(0)), dk, dv
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse2, kpm, causal, scale, need_dq):
+def _(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused):
     return (torch.empty_like(q) if need_dq else q.new_empty(0)), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -956,14 +1082,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, kpm, causal, scale = inputs
     o, lse2 = output
     ctx.save_for_backward(q, k, v, o, lse2, kpm)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.fused = causal, scale, _backward_kind() == "fused"
     ctx.set_materialize_grads(False)  # lse2 is an internal output: no zero gradient is made for it
 
 
 def _backward(ctx, do, _dlse2):  # _dlse2 is None
     q, k, v, o, lse2, kpm = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq)
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq, ctx.fused)
     return (dq if need_dq else None), dk, dv, None, None, None
 
 
@@ -980,7 +1106,7 @@ class _EagerFlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kpm, causal, scale):
         o, lse2 = _forward(q, k, v, kpm, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse2, kpm)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.fused = causal, scale, _backward_kind() == "fused"
         return o
 
     @staticmethod
@@ -989,7 +1115,8 @@ class _EagerFlashAttention(torch.autograd.Function):
             raise RuntimeError("flash_attention has no double backward (create_graph=True); use "
                                "attention(..., impl='sdpa') or impl='reference' for higher derivatives")
         q, k, v, o, lse2, kpm = ctx.saved_tensors
-        dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, ctx.needs_input_grad[0])
+        dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, ctx.needs_input_grad[0],
+                                      ctx.fused)
         return dq, dk, dv, None, None, None
 
 

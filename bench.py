@@ -193,9 +193,26 @@ def sdpa_backend(backend_name):
     return run
 
 
+def fused_backward(A):
+    """flash_attention with the one-kernel backward (MAGMA_FLASH_BACKWARD=fused, read by the forward)."""
+    def run(q, k, v, causal):
+        saved = os.environ.get("MAGMA_FLASH_BACKWARD")
+        os.environ["MAGMA_FLASH_BACKWARD"] = "fused"
+        try:
+            return A.flash_attention(q, k, v, causal)
+        finally:
+            if saved is None:
+                del os.environ["MAGMA_FLASH_BACKWARD"]
+            else:
+                os.environ["MAGMA_FLASH_BACKWARD"] = saved
+    return run
+
+
 def attention_impls(A, decode):
     """name -> fn(q, k, v, causal) for every implementation compared."""
     impls = {"triton": lambda q, k, v, causal: A.flash_attention(q, k, v, causal)}
+    if not decode:  # the experimental one-kernel backward
+        impls["triton-fusedbwd"] = fused_backward(A)
     if decode:  # is splitting the keys across programs worth it, and into how many? measure
         for n in (1, 4, 16):
             impls[f"triton-{n}split"] = lambda q, k, v, causal, n=n: A.flash_decode(q, k, v, num_splits=n)
@@ -242,7 +259,7 @@ def kernel_times_us(fn, calls=5):
     return times
 
 
-def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
+def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda, fused=False):
     """Where the Triton kernel's time goes: its forward and backward launchers on their own (no
     autograd), each timed called back to back and, on a GPU, replayed from a CUDA graph, which takes
     the host out (a launch costs tens of microseconds of Python): where the two differ, the host sets
@@ -251,7 +268,7 @@ def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
     with torch.no_grad():
         fwd = lambda: A._flash_forward(q, k, v, causal, q, 0, scale)  # kpm = q: no key padding mask
         o, lse2 = fwd()
-        bwd = lambda: A._flash_backward(do, q, k, v, o, lse2, causal, q, 0, scale)
+        bwd = lambda: A._flash_backward(do, q, k, v, o, lse2, causal, q, 0, scale, fused=fused)
         times = {"bwd_ms": time_ms(bwd, warmup, iters, cuda)}
         if cuda:
             for name, fn in (("fwd_graph_ms", fwd), ("bwd_graph_ms", bwd)):
@@ -268,7 +285,8 @@ def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda):
             kernels = {**kernel_times_us(fwd), **kernel_times_us(bwd)}
             times["kernel_us"] = ", ".join(f"{name.strip('_').removesuffix('_kernel')} {us:.0f}"
                                            for name, us in kernels.items())
-    tuned = A.tuned_configs(q.shape[-1])
+    kernels = ("fwd", "fused") if fused else ("fwd", "dkdv", "dq")
+    tuned = {name: config for name, config in A.tuned_configs(q.shape[-1]).items() if name in kernels}
     if tuned:
         times["note"] = "autotuned: " + ", ".join(f"{k} {v}" for k, v in tuned.items())
     return times
@@ -338,9 +356,10 @@ def bench_attention(args):
                 continue
             row["fwdbwd_ms"] = ms
             row["fwdbwd_tflops"] = 3.5 * flops / (ms * 1e-3) / 1e12  # backward credited 2.5x forward
-            if impl == "triton":
+            if impl in ("triton", "triton-fusedbwd"):
                 try:
-                    row.update(triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda))
+                    row.update(triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda,
+                                                fused=impl == "triton-fusedbwd"))
                 except Exception as e:  # a diagnostic: its failure must not cost the other rows
                     row["note"] = f"breakdown n/a: {str(e).splitlines()[0]}"[:100]
             if cuda:

@@ -342,6 +342,63 @@ def gpu_launch_configs(A):
     return rows
 
 
+def block_shape_errors(torch, A, D, span, seed):
+    """(shape, max abs error of the output and the three gradients against the reference) at lengths of
+    a few blocks of `span` plus a ragged end, with the launch configs A.INTERPRET_CONFIGS holds now."""
+    T = span + 37
+    g = torch.Generator().manual_seed(seed)
+    # (B, Tq, Tk, causal, pads): with pads, the second sequence of two starts with that many
+    shapes = [(2, T, T, True, 40),         # causal, left-padded: full, diagonal, skipped, ragged
+              (1, 37, T, True, None),      # a prefill: fewer queries than keys, no mask at all
+              (1, T, 37, True, None),      # more queries than keys: the first rows see none
+              (2, T - 29, T, False, 40)]   # no causal mask (the ViT), padded
+    for B, Tq, Tk, causal, pads in shapes:
+        q = torch.randn(B, 1, Tq, D, generator=g, requires_grad=True)
+        k, v = (torch.randn(B, 1, Tk, D, generator=g, requires_grad=True) for _ in range(2))
+        do = torch.randn(B, 1, Tq, D, generator=g)
+        kpm = None
+        if pads is not None:
+            kpm = torch.ones(B, Tk, dtype=torch.bool)
+            kpm[B - 1, :pads] = False
+        out = A.flash_attention(q, k, v, causal, kpm)
+        ref = A.attention_reference(q, k, v, causal, kpm)
+        got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))
+        yield f"Tq={Tq} Tk={Tk} causal={causal}", max((a - b).abs().max().item()
+                                                    for a, b in zip((out, *got), (ref, *want)))
+
+
+def run_fused_backward_check(torch, A):
+    """MAGMA_FLASH_BACKWARD=fused, the one-kernel backward: every case above, then every block shape of
+    FUSED_BWD_CONFIGS (the GPU's candidates) at lengths of a few of its blocks, against the reference."""
+    res = {"case": "fused_backward", "tol": FP32_TOL, "runs": 0, "failed": []}
+    saved = os.environ.get("MAGMA_FLASH_BACKWARD"), A.INTERPRET_CONFIGS
+    os.environ["MAGMA_FLASH_BACKWARD"] = "fused"
+    worst = 0.0
+    try:
+        for name in CASES:
+            case = run_case(name, torch, A)
+            res["runs"] += 1
+            if not case["ok"]:
+                res["failed"].append(json.dumps(case))
+        blocks = sorted({c[:2] for configs in A.FUSED_BWD_CONFIGS.values() for c in configs})
+        for row, (m, n) in enumerate(blocks):
+            A.INTERPRET_CONFIGS = {**saved[1], "fused": (m, n, 4, 1)}
+            for shape, err in block_shape_errors(torch, A, 32, max(m, n), seed=row):
+                worst = max(worst, err)
+                res["runs"] += 1
+                if not err <= FP32_TOL:
+                    res["failed"].append(f"fused {m}x{n} {shape}: {err:.2e}")
+    finally:
+        A.INTERPRET_CONFIGS = saved[1]
+        if saved[0] is None:
+            os.environ.pop("MAGMA_FLASH_BACKWARD")
+        else:
+            os.environ["MAGMA_FLASH_BACKWARD"] = saved[0]
+    res["max_err"] = worst
+    res["ok"] = not res["failed"] and res["runs"] > 0
+    return res
+
+
 def run_gpu_configs_check(torch, A):
     """The interpreter's own small blocks stand in for the GPU's everywhere else; here every launch
     configuration the GPU may pick (the autotuner's candidates, the fp32 ones, the decode block of each
@@ -356,29 +413,11 @@ def run_gpu_configs_check(torch, A):
         for row, (label, D, configs) in enumerate(gpu_launch_configs(A)):
             A.INTERPRET_CONFIGS = configs
             span = max(max(c[0], c[1]) for c in configs.values())  # the longest block of any kernel
-            T = span + 37
-            g = torch.Generator().manual_seed(row)
-            # (B, Tq, Tk, causal, pads): with pads, the second sequence of two starts with that many
-            shapes = [(2, T, T, True, 40),         # causal, left-padded: full, diagonal, skipped, ragged
-                      (1, 37, T, True, None),      # a prefill: fewer queries than keys, no mask at all
-                      (1, T, 37, True, None),      # more queries than keys: the first rows see none
-                      (2, T - 29, T, False, 40)]   # no causal mask (the ViT), padded
-            for B, Tq, Tk, causal, pads in shapes:
-                q = torch.randn(B, 1, Tq, D, generator=g, requires_grad=True)
-                k, v = (torch.randn(B, 1, Tk, D, generator=g, requires_grad=True) for _ in range(2))
-                do = torch.randn(B, 1, Tq, D, generator=g)
-                kpm = None
-                if pads is not None:
-                    kpm = torch.ones(B, Tk, dtype=torch.bool)
-                    kpm[B - 1, :pads] = False
-                out = A.flash_attention(q, k, v, causal, kpm)
-                ref = A.attention_reference(q, k, v, causal, kpm)
-                got, want = (torch.autograd.grad(t, (q, k, v), do) for t in (out, ref))
-                err = max((a - b).abs().max().item() for a, b in zip((out, *got), (ref, *want)))
+            for shape, err in block_shape_errors(torch, A, D, span, seed=row):
                 worst = max(worst, err)
                 res["runs"] += 1
                 if not err <= FP32_TOL:
-                    res["failed"].append(f"{label} Tq={Tq} Tk={Tk} causal={causal}: {err:.2e}")
+                    res["failed"].append(f"{label} {shape}: {err:.2e}")
         decode_blocks = {(d, table[d][0]) for table in (A.DECODE_CONFIGS, A.DECODE_CONFIGS_TF32,
                                                          A.DECODE_CONFIGS_IEEE) for d in table}
         for d, block_n in sorted(decode_blocks):  # one query against 2.5 blocks, 1 and 3 splits
@@ -406,7 +445,7 @@ def run_gpu_configs_check(torch, A):
 EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
                 "torch_compile_one_opaque_op": run_compile_check, "custom_scale": run_scale_check,
                 "batch_slices": run_batch_slices_check, "partial_grads": run_partial_grads_check,
-                "gpu_launch_configs": run_gpu_configs_check}
+                "gpu_launch_configs": run_gpu_configs_check, "fused_backward": run_fused_backward_check}
 
 
 def main(argv=None):

@@ -51,8 +51,9 @@ def tool(name):
 
 
 def captured_launches(D, causal, padded, dtype, T=256, B=2, H=2):
-    """kernel name -> (JIT function, args, constexpr kwargs) of one forward and backward call and one
-    decode step, as attention.py's launchers issue them; nothing runs."""
+    """kernel name -> (JIT function, args, constexpr kwargs) of one forward call, a backward call with
+    each backward ("fused" only for 16-bit inputs) and one decode step, as attention.py's launchers issue
+    them; nothing runs."""
     log = {}
 
     def fake_launch(name, block_d, grid, args, consts):
@@ -81,6 +82,7 @@ def captured_launches(D, causal, padded, dtype, T=256, B=2, H=2):
         o, lse2 = A._flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
         do = qkv(T)[0]
         A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale)
+        A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, fused=True)  # 16-bit only
         A._flash_forward(qkv(1)[0], k, v, False, kpm, kpm_stride, scale, decode_splits=4)  # one decode step
     finally:
         A._launch, A._decode_kernel, A._decode_merge_kernel, A._bwd_delta_kernel = saved
@@ -134,7 +136,8 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "tf32"],
                    help="fp32: exact dots (IEEE_CONFIGS); tf32: fp32 inputs, TF32 dots (TF32_CONFIGS)")
     p.add_argument("--head-dims", default="16,32,64,128,256")
-    p.add_argument("--kernels", default="fwd,dkdv,dq,decode")
+    p.add_argument("--kernels", default="fwd,dkdv,dq,fused,decode",
+                   help="fused: the one-kernel backward (MAGMA_FLASH_BACKWARD=fused), 16-bit inputs only")
     p.add_argument("--sass", default="", help="comma-separated kernels whose SASS opcodes are counted too")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
@@ -147,6 +150,8 @@ def main():
     for d in (int(x) for x in args.head_dims.split(",")):
         launches = {v: captured_launches(d, *v, dtype) for v in variants}
         for name in args.kernels.split(","):
+            if name == "fused" and dtype == torch.float32:
+                continue  # fp32 inputs always take the two-kernel backward
             if name == "decode":  # causal is a no-op for one query
                 runs = [(launches[(True, padded)]["decode"], {},
                          "(BLOCK_N, warps, stages) {} kpm={}".format(

@@ -180,6 +180,10 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="MAGMA_ATTENTION"):
         A.attention(q, k, k)
     monkeypatch.delenv("MAGMA_ATTENTION")
+    monkeypatch.setenv("MAGMA_FLASH_BACKWARD", "atomic")
+    with pytest.raises(ValueError, match=r"MAGMA_FLASH_BACKWARD='atomic'; choose one of \('split', 'fused'\)"):
+        A._backward_kind()
+    monkeypatch.delenv("MAGMA_FLASH_BACKWARD")
     with pytest.raises(ValueError, match="k "):
         A.attention(q, rand(1, 2, 6, 4), rand(1, 2, 6, 4))
     with pytest.raises(ValueError, match="key_padding_mask"):
@@ -273,9 +277,11 @@ def grads_of(fn, q, k, v, do):
 
 
 @cuda
+@pytest.mark.parametrize("backward", A.BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_low_precision_within_twice_torch_error(shape, dtype):
+def test_gpu_low_precision_within_twice_torch_error(shape, dtype, backward, monkeypatch):
+    monkeypatch.setenv("MAGMA_FLASH_BACKWARD", backward)
     causal = shape[5]
     q, k, v, do, kpm = gpu_inputs(shape, dtype)
     f32 = [t.float() for t in (q, k, v)]
@@ -289,9 +295,13 @@ def test_gpu_low_precision_within_twice_torch_error(shape, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("backward", A.BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [GPU_SHAPES[1], GPU_SHAPES[2]])
-def test_gpu_deterministic(shape, dtype):
+@pytest.mark.parametrize("shape", [GPU_SHAPES[0], GPU_SHAPES[1], GPU_SHAPES[2]])
+def test_gpu_deterministic(shape, dtype, backward, monkeypatch):
+    """Bit-identical results twice, with either backward (the fused one adds dQ by atomics, all from
+    one program per head, in a fixed order)."""
+    monkeypatch.setenv("MAGMA_FLASH_BACKWARD", backward)
     causal = shape[5]
     q, k, v, do, kpm = gpu_inputs(shape, dtype)
     first = grads_of(lambda *a: A.flash_attention(*a, causal, kpm), q, k, v, do)
@@ -394,6 +404,7 @@ def test_bench_without_gpu(tmp_path):
     assert rows[("vit-tiny", "reference")]["fwd_tflops"] > 0 and rows[("vit-tiny", "reference")]["fwdbwd_ms"] > 0
     if A.TRITON_IMPORT_ERROR is None:
         assert rows[("vit-tiny", "triton")]["fwdbwd_ms"] > 0 and rows[("vit-tiny", "triton")]["bwd_ms"] > 0
+        assert rows[("vit-tiny", "triton-fusedbwd")]["bwd_ms"] > 0 and ("decode-tiny", "triton-fusedbwd") not in rows
         assert rows[("decode-tiny", "triton-1split")]["fwd_us"] > 0
     assert rows[("vit-tiny", "sdpa-cudnn")]["note"].startswith("n/a")
 
