@@ -196,15 +196,8 @@ def sdpa_backend(backend_name):
 def fused_backward(A):
     """flash_attention with the one-kernel backward (MAGMA_FLASH_BACKWARD=fused, read by the forward)."""
     def run(q, k, v, causal):
-        saved = os.environ.get("MAGMA_FLASH_BACKWARD")
-        os.environ["MAGMA_FLASH_BACKWARD"] = "fused"
-        try:
+        with environ(MAGMA_FLASH_BACKWARD="fused"):
             return A.flash_attention(q, k, v, causal)
-        finally:
-            if saved is None:
-                del os.environ["MAGMA_FLASH_BACKWARD"]
-            else:
-                os.environ["MAGMA_FLASH_BACKWARD"] = saved
     return run
 
 
@@ -380,7 +373,7 @@ def bench_attention(args):
 # wraps its MLPs exactly as it wraps ours. tests/test_bench.py checks on a tiny config that the two
 # assemblies give the same loss (fp32) and the same greedy tokens.
 
-# name: (assembly, frozen LM weights, attention impl (ours: attention.py's MAGMA_ATTENTION), mode)
+# name: (assembly, frozen LM weights, attention impl (ours: MAGMA_ATTENTION, or ATTENTION_ENV), mode)
 # Every row runs under bf16 autocast; "lm_weights" is the dtype the frozen LM's weights are held in.
 # mode: "eager"; "compile", torch.compile(model); "graph", the whole step (forward, backward, optimizer)
 # recorded once as a CUDA graph and replayed, which takes the host's launch overhead out of the step.
@@ -392,6 +385,8 @@ TRAIN_VARIANTS = {
     "ours": ("ours", "bf16", "auto", "eager"),
     "ours-sdpa-graph": ("ours", "bf16", "sdpa", "graph"),
     "ours-graph": ("ours", "bf16", "auto", "graph"),
+    "ours-fusedbwd": ("ours", "bf16", "auto-fusedbwd", "eager"),  # the Triton kernel's one-kernel backward
+    "ours-fusedbwd-graph": ("ours", "bf16", "auto-fusedbwd", "graph"),
     "ours-compile": ("ours", "bf16", "auto", "compile"),
     "ours-sdpa-compile": ("ours", "bf16", "sdpa", "compile"),  # in case the Triton kernel splits the graph
 }
@@ -472,17 +467,27 @@ def failure_note(e):
 
 
 @contextlib.contextmanager
-def attention_impl(impl):
-    """Force attention.py's implementation (it reads MAGMA_ATTENTION at every call) inside the block."""
-    old = os.environ.get("MAGMA_ATTENTION")
-    os.environ["MAGMA_ATTENTION"] = impl
+def environ(**values):
+    """Set these environment variables inside the block, then put back what was there."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["MAGMA_ATTENTION"]
-        else:
-            os.environ["MAGMA_ATTENTION"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+# A row's attention column -> what attention.py reads at every call (any other value: MAGMA_ATTENTION)
+ATTENTION_ENV = {"auto-fusedbwd": {"MAGMA_ATTENTION": "auto", "MAGMA_FLASH_BACKWARD": "fused"}}
+
+
+def attention_impl(impl):
+    """Force attention.py's implementation inside the block (MAGMA_ATTENTION, or ATTENTION_ENV's)."""
+    return environ(**ATTENTION_ENV.get(impl, {"MAGMA_ATTENTION": impl}))
 
 
 @contextlib.contextmanager
