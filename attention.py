@@ -15,7 +15,9 @@ Implementations:
   (Tq, Tk) score matrix, which is what the fused kernel avoids.
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with an explicit boolean mask, with the
   fully-masked rows zeroed afterwards (SDPA itself would return NaN or an average there).
-- `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below).
+- `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below). Its
+  backward is two kernels (dK/dV, then dQ); MAGMA_FLASH_BACKWARD=fused, read when the forward runs,
+  selects the experimental one-kernel backward instead ("One-kernel backward" below).
 - `attention` dispatches between them: `impl=` (which wins) or else the environment variable
   MAGMA_ATTENTION (`auto`, `reference`, `sdpa`, `triton`) picks one. `auto` = the Triton kernel for
   CUDA tensors it accepts when Triton imports (`_flash_supported`: fp16/bf16/fp32 alike, head dim up
