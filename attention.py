@@ -778,12 +778,17 @@ def _configs(name, block_d, precision=None):
     return table if os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0" else table[:1]
 
 
+# Buffers a kernel adds into (atomics) rather than overwrites: the autotuner times each candidate on
+# the real arguments, so these are zeroed before every timed run and again before the real one.
+AUTOTUNE_RESET = {"fused": ["DQACC"]}
+
+
 @functools.cache
 def _autotuned(name, block_d):
     """Kernel `name` wrapped in Triton's autotuner over its config list (made once per head dim)."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _configs(name, block_d)]
-    return triton.autotune(configs, key=AUTOTUNE_KEY)(KERNELS[name])
+    return triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=AUTOTUNE_RESET.get(name))(KERNELS[name])
 
 
 def tuned_configs(head_dim):

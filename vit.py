@@ -120,7 +120,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """width -> hidden -> width with QuickGELU or GELU in between."""
+    """width -> hidden -> width with QuickGELU or GELU in between. (With QuickGELU, forward() applies
+    c_fc's and c_proj's weights through F.linear, so hooks on those two modules do not run.)"""
 
     def __init__(self, config):
         super().__init__()
