@@ -64,7 +64,7 @@ One-kernel backward (experimental: MAGMA_FLASH_BACKWARD=fused, 16-bit inputs on 
 per (batch, head) walks its key blocks one after another; for each it loops over the query blocks
 that see it, accumulating dK and dV in registers as above, and adds the block's share of dQ (dS K)
 into an fp32 buffer by atomic additions. One program makes every addition to its rows of that
-buffer, in key-block order, so the sum is still deterministic; S and dP are computed once, five
+buffer, in key-block order (a barrier between key blocks), so the sum is still deterministic; S and dP are computed once, five
 matmuls instead of seven, in one launch instead of two. The price is parallelism, B*H programs: it
 is meant for many heads of short sequences (a ViT's 64 x 12 heads of 197 tokens), where each program
 of the two-kernel backward sees only a few blocks. `bench.py attention` times it (`triton-fusedbwd`).
@@ -590,6 +590,9 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
                     stride_dkd, Tk, HEAD_DIM, BLOCK_D)
         _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
                     HEAD_DIM, BLOCK_D)
+        # A query row's dQ gets one addition per key block, maybe from different threads (the masked
+        # and unmasked loops are compiled separately): a barrier between key blocks keeps them in order.
+        tl.debug_barrier()
 
 
 # The decode path for Tq = 1 ("Decoding" above): split the keys over programs, then merge.
