@@ -30,7 +30,7 @@ export MAGMA_FLASH_AUTOTUNE=0
 step 150 tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpt.py tests/test_magma.py \
   tests/test_train.py tests/test_bench.py -k "(gpu or cuda) and not interpreted and not without_gpu"
 step 90 attention $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES --json "$OUT/attention.json"
-step 180 train $PY bench.py train --warmup 2 --iters 10 \
+step 210 train $PY bench.py train --warmup 2 --iters 10 \
   --variants transformers,ours-sdpa,ours,ours-fusedbwd,ours-sdpa-graph,ours-graph,ours-fusedbwd-graph,\
 ours-compile,ours-sdpa-compile \
   --json "$OUT/train.json"
