@@ -341,8 +341,10 @@ def _bwd_delta_kernel(O, DO, DELTA,
 def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n, offs_d,
                     stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Add the contribution of queries [start_m, start_m + BLOCK_M) to this key block's dK, dV."""
+                    CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    FUSED: tl.constexpr = False, keep=None, dq_base=None):
+    """Add the contribution of queries [start_m, start_m + BLOCK_M) to this key block's dK, dV.
+    FUSED (the one-kernel backward): also add this key block's share of their dQ into dq_base."""
     rows = start_m + tl.arange(0, BLOCK_M)                                   # (BLOCK_M,) queries
     q = _load_rows(q_base, rows, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D)    # (BLOCK_M, D)
     do = _load_rows(do_base, rows, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D)
@@ -355,13 +357,20 @@ def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m
     if MASK:
         if CAUSAL:
             pT = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), pT, 0.0)
+    if FUSED:  # keys past Tk and padded keys must not reach dQ (see below)
+        pT = tl.where(keep[:, None], pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)            # dV += P^T dO
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # dP^T = V dO^T
-    dsT = pT * (dpT - delta[None, :])                                        # dS^T
-    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)             # dK += dS^T Q
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)                          # dS^T
+    dk += tl.dot(dsT, q, input_precision=PRECISION)                         # dK += dS^T Q
     # No mask for keys past Tk (loaded as k = v = 0): each key's row of dK and dV depends on that key
     # alone, so those rows may hold anything (even inf or NaN) and _store_rows never writes them.
-    # The dQ kernel must mask them: there every key's column is summed into each row of dQ.
+    # dQ must mask them: there every key's column is summed into each row of dQ (for a key past Tk
+    # s = 0, and exp2(-lse2) may overflow: inf * 0 is NaN).
+    if FUSED:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)            # (BLOCK_M, D): dS K
+        ptrs = dq_base + rows[:, None] * BLOCK_D + offs_d[None, :]
+        tl.atomic_add(ptrs, dq, mask=rows[:, None] < Tq, sem="relaxed")
     return dk, dv
 
 
@@ -507,35 +516,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
 
 # An experimental one-kernel backward (MAGMA_FLASH_BACKWARD=fused; "One-kernel backward" above).
 
-@triton.jit
-def _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base, start_m, offs_n,
-                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """_bwd_dkdv_block's work, plus this key block's share of dQ for queries [start_m, +BLOCK_M)."""
-    rows = start_m + tl.arange(0, BLOCK_M)                                   # (BLOCK_M,) queries
-    q = _load_rows(q_base, rows, offs_d, stride_qm, stride_qd, Tq, HEAD_DIM, BLOCK_D)    # (BLOCK_M, D)
-    do = _load_rows(do_base, rows, offs_d, stride_dom, stride_dod, Tq, HEAD_DIM, BLOCK_D)
-    lse2 = tl.load(lse_base + rows, mask=rows < Tq, other=float("inf"))     # (BLOCK_M,)
-    delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)
-    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale       # (BLOCK_N, BLOCK_M)
-    pT = tl.math.exp2(sT - lse2[None, :])                                    # P^T
-    if MASK:
-        if CAUSAL:
-            pT = tl.where(offs_n[:, None] <= rows[None, :] + (Tk - Tq), pT, 0.0)
-    # Unlike in the dK/dV kernel, keys past Tk and padded keys must not reach dQ: for keys past Tk
-    # (loaded as k = 0) s = 0 and exp2(-lse2) may overflow, and inf * 0 is NaN.
-    pT = tl.where(keep[:, None], pT, 0.0)
-    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)            # dV += P^T dO
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # dP^T = V dO^T
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)                          # dS^T
-    dk += tl.dot(dsT, q, input_precision=PRECISION)                         # dK += dS^T Q
-    dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)                # (BLOCK_M, D): dS K
-    ptrs = dq_base + rows[:, None] * BLOCK_D + offs_d[None, :]
-    tl.atomic_add(ptrs, dq, mask=rows[:, None] < Tq, sem="relaxed")
-    return dk, dv
-
-
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
                       stride_qb, stride_qh, stride_qm, stride_qd,
@@ -579,13 +559,13 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
             full = 0
             masked_end = 0
         for start_m in range(lo, masked_end, BLOCK_M):
-            dk, dv = _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base,
-                                      start_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
+            dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION, True, keep, dq_base)
         for start_m in range(full, Tq, BLOCK_M):
-            dk, dv = _bwd_fused_block(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dq_base,
-                                      start_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      Tq, Tk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION)
+            dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION, True, keep, dq_base)
         _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn,
                     stride_dkd, Tk, HEAD_DIM, BLOCK_D)
         _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
