@@ -374,6 +374,61 @@ def _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m
     return dk, dv
 
 
+@triton.jit
+def _bwd_key_block(q_base, k_base, v_base, do_base, lse_base, delta_base, kpm_base, dk_base, dv_base, start_n,
+                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_dom, stride_dod,
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, Tq, Tk, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FUSED: tl.constexpr = False, dq_base=None):
+    """dK and dV of keys [start_n, start_n + BLOCK_N) of one (batch, head), looping over the query
+    blocks that see them (FUSED: and their share of dQ, added into dq_base)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) keys
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, HEAD_DIM, BLOCK_D)
+    keep = None
+    if FUSED:  # the keys that may reach dQ: real (< Tk) and not padding
+        keep = offs_n < Tk
+        if HAS_KPM:
+            keep = keep & (tl.load(kpm_base + offs_n, mask=keep, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query range that sees this key block: [lo, full) crosses the diagonal (masked), [full, Tq)
+    # sees every key of the block; queries before lo see none of it and are skipped. Key j is seen by
+    # rows i >= j - (Tk - Tq): the block's first key sets lo, its last key sets full (both rounded
+    # to whole query blocks, lo down and full up).
+    if CAUSAL:
+        lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        masked_end = tl.minimum(full, Tq)
+    else:
+        lo = 0
+        full = 0
+        masked_end = 0
+    for start_m in range(lo, masked_end, BLOCK_M):
+        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION, FUSED, keep, dq_base)
+    for start_m in range(full, Tq, BLOCK_M):
+        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
+                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION, FUSED, keep, dq_base)
+    # Every key column is independent here: a padded key's column of P was never zeroed above,
+    # but its whole dK, dV row is simply 0, so zero it at the end instead of masking every step.
+    # (FUSED masked it already, for dQ's sake.)
+    if HAS_KPM and not FUSED:
+        keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    # P is exp2(s2 - lse2) in base 2, but dS is the gradient with respect to the natural-log scores
+    # S = scale * Q K^T, so the chain rule brings in sm_scale (not qk_scale = sm_scale * log2(e)).
+    dk = dk * sm_scale
+    _store_rows(dk_base, dk, offs_n, offs_d, stride_dkn, stride_dkd, Tk, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_base, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk, HEAD_DIM, BLOCK_D)
+
+
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -391,52 +446,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # (BLOCK_N,) keys
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk,
-                   HEAD_DIM, BLOCK_D)                                        # (BLOCK_N, D)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk,
-                   HEAD_DIM, BLOCK_D)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh * Tq
-    delta_base = DELTA + pid_bh * Tq
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Query range that sees this key block: [lo, full) crosses the diagonal (masked), [full, Tq)
-    # sees every key of the block; queries before lo see none of it and are skipped. Key j is seen by
-    # rows i >= j - (Tk - Tq): the block's first key sets lo, its last key sets full (both rounded
-    # to whole query blocks, lo down and full up).
-    if CAUSAL:
-        lo = (tl.maximum(pid_n * BLOCK_N - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
-        full = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
-        masked_end = tl.minimum(full, Tq)
-    else:
-        lo = 0
-        full = 0
-        masked_end = 0
-    for start_m in range(lo, masked_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
-                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION)
-    for start_m in range(full, Tq, BLOCK_M):
-        dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
-                                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION)
-    # Every key column is independent here: a padded key's column of P was never zeroed above,
-    # but its whole dK, dV row is simply 0, so zero it at the end instead of masking every step.
-    if HAS_KPM:
-        keep = tl.load(KPM + b * stride_kpm + offs_n, mask=offs_n < Tk, other=0) != 0
-        dk = tl.where(keep[:, None], dk, 0.0)
-        dv = tl.where(keep[:, None], dv, 0.0)
-    # P is exp2(s2 - lse2) in base 2, but dS is the gradient with respect to the natural-log scores
-    # S = scale * Q K^T, so the chain rule brings in sm_scale (not qk_scale = sm_scale * log2(e)).
-    dk = dk * sm_scale
-    _store_rows(DK + b * stride_dkb + h * stride_dkh, dk, offs_n, offs_d, stride_dkn, stride_dkd, Tk,
-                HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
-                HEAD_DIM, BLOCK_D)
+    _bwd_key_block(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+                   V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh,
+                   LSE + pid_bh * Tq, DELTA + pid_bh * Tq, KPM + b * stride_kpm,
+                   DK + b * stride_dkb + h * stride_dkh, DV + b * stride_dvb + h * stride_dvh, pid_n * BLOCK_N,
+                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_dom, stride_dod,
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, Tq, Tk, qk_scale, sm_scale,
+                   HEAD_DIM, BLOCK_D, CAUSAL, HAS_KPM, PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -533,43 +549,15 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh * Tq
-    delta_base = DELTA + pid_bh * Tq
-    dq_base = DQACC + pid_bh.to(tl.int64) * Tq * BLOCK_D
     for start_n in range(0, Tk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)                            # (BLOCK_N,) keys
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk,
-                       HEAD_DIM, BLOCK_D)                                    # (BLOCK_N, D)
-        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk,
-                       HEAD_DIM, BLOCK_D)
-        keep = offs_n < Tk                                                   # (BLOCK_N,) real keys
-        if HAS_KPM:
-            keep = keep & (tl.load(KPM + b * stride_kpm + offs_n, mask=keep, other=0) != 0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        if CAUSAL:  # the query ranges of _bwd_dkdv_kernel
-            lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
-            full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
-            masked_end = tl.minimum(full, Tq)
-        else:
-            lo = 0
-            full = 0
-            masked_end = 0
-        for start_m in range(lo, masked_end, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
-                                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, True, PRECISION, True, keep, dq_base)
-        for start_m in range(full, Tq, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_n,
-                                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, Tq, Tk, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False, PRECISION, True, keep, dq_base)
-        _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn,
-                    stride_dkd, Tk, HEAD_DIM, BLOCK_D)
-        _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, Tk,
-                    HEAD_DIM, BLOCK_D)
+        _bwd_key_block(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+                       V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh,
+                       LSE + pid_bh * Tq, DELTA + pid_bh * Tq, KPM + b * stride_kpm,
+                       DK + b * stride_dkb + h * stride_dkh, DV + b * stride_dvb + h * stride_dvh, start_n,
+                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_dom, stride_dod,
+                       stride_dkn, stride_dkd, stride_dvn, stride_dvd, Tq, Tk, qk_scale, sm_scale,
+                       HEAD_DIM, BLOCK_D, CAUSAL, HAS_KPM, PRECISION, BLOCK_M, BLOCK_N,
+                       True, DQACC + pid_bh.to(tl.int64) * Tq * BLOCK_D)
         # A query row's dQ gets one addition per key block, maybe from different threads (the masked
         # and unmasked loops are compiled separately): a barrier between key blocks keeps them in order.
         tl.debug_barrier()
@@ -694,8 +682,8 @@ DKDV_CONFIGS = {
 # The one-kernel backward (MAGMA_FLASH_BACKWARD=fused, 16-bit inputs): (BLOCK_M queries streamed,
 # BLOCK_N keys held, warps, stages), the dK/dV kernel's tiles with one more dot and the dQ atomics.
 # ptxas (sm_90a, bf16): 178-255 registers; spills: 56 bytes for (64, 128) at D = 64 without the
-# causal mask under Triton 3.6, 8 bytes at D = 128 with a key padding mask under 3.9, none otherwise;
-# (64, 64) tiles spilled 52-192 bytes at D 64 and 128 and were dropped.
+# causal mask under Triton 3.6; under 3.9, 4-8 bytes with a key padding mask at D = 32 and 128; none
+# otherwise. (64, 64) tiles spilled 52-192 bytes at D 64 and 128 and were dropped.
 FUSED_BWD_CONFIGS = {
     16: [(32, 128, 4, 3), (64, 64, 4, 3)],
     32: [(32, 128, 4, 3), (64, 64, 4, 3)],
