@@ -64,10 +64,11 @@ One-kernel backward (experimental: MAGMA_FLASH_BACKWARD=fused, 16-bit inputs on 
 per (batch, head) walks its key blocks one after another; for each it loops over the query blocks
 that see it, accumulating dK and dV in registers as above, and adds the block's share of dQ (dS K)
 into an fp32 buffer by atomic additions. One program makes every addition to its rows of that
-buffer, in key-block order (a barrier between key blocks), so the sum is still deterministic; S and dP are computed once, five
-matmuls instead of seven, in one launch instead of two. The price is parallelism, B*H programs: it
-is meant for many heads of short sequences (a ViT's 64 x 12 heads of 197 tokens), where each program
-of the two-kernel backward sees only a few blocks. `bench.py attention` times it (`triton-fusedbwd`).
+buffer, in key-block order (a barrier between key blocks), so the sum is still deterministic. S and
+dP are computed once, five matmuls instead of seven, in one launch instead of two. The price is
+parallelism, B*H programs: it is meant for many heads of short sequences (a ViT's 64 x 12 heads of
+197 tokens), where each program of the two-kernel backward sees only a few blocks. `bench.py
+attention` times it (`triton-fusedbwd`); the autotuner zeroes the buffer before each timed run.
 The autotuner picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins
 the first config of each list for runs that must repeat. Accumulation is fp32 throughout.
 
