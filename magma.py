@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
+from attention import INTERPRET, TRITON_IMPORT_ERROR, tl, triton
 from data import ImageError, clip_preprocess, load_image
 from gpt import EOS_CHECK_EVERY, GPT, DecodeStep, GPTConfig, load_checked, sample_next
 from tokenizer import ByteTokenizer, Tokenizer
@@ -146,6 +147,132 @@ def fingerprint(module):
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss: cross-entropy over the vocabulary, one fused kernel each way on the GPU
+#
+# The captioning loss reads (B*T, V) logits: at batch 64 with 64 caption tokens and GPT-2's 50,257
+# words, 206M numbers, 412 MB in bf16. PyTorch's cross_entropy (which autocast runs in fp32) copies
+# them to fp32, writes log_softmax in fp32 and saves it; its backward writes a zero fp32 gradient,
+# scatters the targets into it, runs the softmax backward and casts the result back to bf16: about
+# ten passes over 0.4-0.8 GB tensors, some 8-10 GB of memory traffic per step, for arithmetic that is
+# a few operations per number. The kernels below make it one read of the logits forward and one read
+# plus one write backward (~1.2 GB), with fp32 arithmetic inside and no fp32 copy in memory:
+#   forward, per row:   lse = log sum_j exp(x_j)  (online over chunks of the row: the running maximum
+#                       m and the running sum s of exp(x - m), rescaled when m grows, as in attention.py)
+#                       loss = lse - x_target      (0 for an ignored row: target -100)
+#   backward, per row:  dx_j = dloss * (exp(x_j - lse) - [j == target])   (softmax minus one-hot)
+# The forward saves the logits (as they are, 16-bit) and lse (one fp32 per row) for the backward.
+# Elsewhere (CPU, under torch.compile, whose inductor fuses the same work itself) it is PyTorch's
+# F.cross_entropy on fp32 logits; MAGMA_CROSS_ENTROPY=torch|triton forces one (bench.py compares).
+
+IGNORE_INDEX = -100
+CROSS_ENTROPY_IMPLS = ("auto", "torch", "triton")
+CE_BLOCK_V = 4096  # vocabulary entries per step of a row's loop: 8 KB of bf16, 16 per thread of 8 warps
+CE_WARPS = 8
+
+
+@triton.jit(do_not_specialize=["V"])
+def _ce_forward_kernel(X, TARGET, LOSS, LSE, stride_x, V, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row of logits X (V,) -> LSE[row] = log sum exp, LOSS[row] = LSE - x[target] (fp32)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    m = tl.full([], float("-inf"), tl.float32)                            # running maximum
+    s = tl.zeros([], tl.float32)                                          # running sum of exp(x - m)
+    for start in range(0, V, BLOCK_V):  # every step holds at least one real entry: m is finite after it
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)  # (BLOCK_V,)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    t = tl.load(TARGET + row)
+    valid = (t >= 0) & (t < V)
+    x_t = tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32)
+    # A target outside the vocabulary gives NaN, never a silently wrong loss (PyTorch raises there).
+    loss = tl.where(t == IGNORE, 0.0, tl.where(valid, lse - x_t, float("nan")))
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+
+@triton.jit(do_not_specialize=["V"])
+def _ce_backward_kernel(X, TARGET, LSE, DLOSS, DX, stride_x, stride_dx, stride_dloss, V,
+                        IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row: DX = DLOSS[row] * (softmax(x) - onehot(target)), in X's dtype; 0 for an ignored row."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(TARGET + row)
+    g = tl.load(DLOSS + row * stride_dloss).to(tl.float32)
+    g = tl.where(t == IGNORE, 0.0, g)
+    lse = tl.load(LSE + row)
+    x_row = X + row * stride_x
+    dx_row = DX + row * stride_dx
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)                                                   # softmax, (BLOCK_V,)
+        dx = g * tl.where(cols == t, p - 1.0, p)
+        tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=cols < V)
+
+
+def _ce_block(V):
+    """Entries per loop step: CE_BLOCK_V, fewer for a small vocabulary, and small under the interpreter
+    so that the tests' tiny vocabularies still take several steps with a ragged last one."""
+    return min(32 if INTERPRET else CE_BLOCK_V, 1 << max(V - 1, 0).bit_length())
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy (N,) fp32 of logits (N, V) (16- or 32-bit) and int64 targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        N, V = logits.shape
+        loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+        if N:
+            _ce_forward_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), V, IGNORE=IGNORE_INDEX,
+                                     BLOCK_V=_ce_block(V), num_warps=CE_WARPS)
+        ctx.save_for_backward(logits, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):  # dloss (N,): for loss.sum() a broadcast scalar (stride 0)
+        logits, targets, lse = ctx.saved_tensors
+        N, V = logits.shape
+        dx = torch.empty_like(logits)
+        if N:
+            _ce_backward_kernel[(N,)](logits, targets, lse, dloss, dx, logits.stride(0), dx.stride(0),
+                                      dloss.stride(0), V, IGNORE=IGNORE_INDEX, BLOCK_V=_ce_block(V),
+                                      num_warps=CE_WARPS)
+        return dx, None
+
+
+def cross_entropy(logits, targets, impl=None):
+    """Per-row next-token loss: -log softmax(logits)[target] as fp32 (N,), 0 where target == -100.
+    logits (N, V) in any float dtype, targets (N,) integer. The fused kernels on CUDA (see above),
+    F.cross_entropy on fp32 logits elsewhere; impl (or MAGMA_CROSS_ENTROPY) = "torch" or "triton"
+    forces one."""
+    impl = impl or os.environ.get("MAGMA_CROSS_ENTROPY", "auto")
+    if impl not in CROSS_ENTROPY_IMPLS:
+        raise ValueError(f"unknown cross-entropy implementation {impl!r} (impl= or MAGMA_CROSS_ENTROPY); "
+                         f"choose one of {CROSS_ENTROPY_IMPLS}")
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy takes logits (N, V) and targets (N,); got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if impl == "triton":
+        if TRITON_IMPORT_ERROR is not None:
+            raise RuntimeError(f"the fused cross-entropy needs Triton, which failed to import "
+                               f"({TRITON_IMPORT_ERROR}); use MAGMA_CROSS_ENTROPY=torch")
+        if not (logits.is_cuda or INTERPRET):
+            raise RuntimeError("the fused cross-entropy runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
+                               f"the logits are on {logits.device}")
+    use_kernel = impl == "triton" or (impl == "auto" and logits.is_cuda and TRITON_IMPORT_ERROR is None
+                                      and not torch.compiler.is_compiling())
+    if not use_kernel:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return _FusedCrossEntropy.apply(logits, targets.to(torch.int64).contiguous())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,7 +480,7 @@ class Magma(nn.Module):
         # (B, T, C) hidden states of positions I-1 ... I+T-2: position I-1+t predicts input_ids[:, t]
         logits = self.lm.lm_head(hidden[:, I - 1:-1].flatten(0, 1))  # (B*T, V)
         targets = input_ids.masked_fill(~text_mask, -100).flatten()  # (B*T,)
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        loss = cross_entropy(logits, targets).sum()  # fp32, the fused kernels on a GPU (see above)
         return loss / text_mask.sum().clamp(min=1)  # the mean over real tokens (0 if there are none)
 
     # ------------------------------------------------------------------------------------------------

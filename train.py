@@ -36,13 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
 from adapters import AdapterConfig, adapter_parameters, adapter_report, cast_frozen
 from gpt import GPT, GPTConfig
-from magma import Magma, MagmaConfig, evaluating, read_magma_checkpoint
+from magma import Magma, MagmaConfig, cross_entropy, evaluating, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import PRESETS as VIT_PRESETS
 from vit import ViTConfig
@@ -554,7 +553,8 @@ class TextLoss(nn.Module):
     def forward(self, input_ids, text_mask):
         logits = self.lm(input_ids[:, :-1])  # (B, T-1, V)
         targets = input_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)  # pads skipped, no mask selection
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = cross_entropy(logits.flatten(0, 1), targets.flatten()).sum()  # magma's: fused on a GPU
+        return loss / (targets != -100).sum().clamp(min=1)  # the mean over real targets (0 if none)
 
 
 def lr_factor(step, total, warmup, schedule, min_ratio):

@@ -15,7 +15,8 @@ from PIL import Image
 from adapters import AdapterConfig, adapter_parameters
 from data import clip_preprocess
 from gpt import GPT, DecodeStep, GPTConfig, sample_next
-from magma import ImagePrefix, Magma, MagmaConfig, evaluating, main, read_magma_checkpoint
+from attention import INTERPRET, TRITON_IMPORT_ERROR
+from magma import ImagePrefix, Magma, MagmaConfig, cross_entropy, evaluating, main, read_magma_checkpoint
 from tokenizer import ByteTokenizer, Tokenizer, train_bpe
 from vit import OPENAI_NAMES, ViT, ViTConfig, rename
 
@@ -614,3 +615,129 @@ def test_command_line_as_a_user_runs_it(tmp_path):
     assert results["few_shot"][0] == model.generate([[pix, "A red.", pix, "A"]], max_new_tokens=5,
                                                     temperature=0)[0] + "\n"
     assert all(flag in results["help"][0] for flag in ("--checkpoint", "--image", "--prompt", "--top-p"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss's fused cross-entropy kernels: dispatch on CPU; the kernels under the Triton interpreter,
+# in a subprocess (TRITON_INTERPRET=1 must be set before triton is imported) that runs this file's
+# test_interpreted_* tests, which exist only there; and in bf16 on a GPU.
+# ------------------------------------------------------------------------------------------------
+
+def ce_inputs(N, V, dtype=torch.float32, device="cpu", seed=0, spread=8.0, offset=0.0):
+    """Logits (N, V) with a wide spread (several rescales of the running maximum along a row) around
+    `offset` (exp(x) alone would overflow at 1000), targets with row 0 ignored."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, V, generator=g) * spread + offset).to(device=device, dtype=dtype)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    if N:
+        t[0] = -100
+    return x, t
+
+
+def test_cross_entropy_dispatch_and_errors(monkeypatch):
+    x, t = ce_inputs(6, 50)
+    want = F.cross_entropy(x, t, reduction="none")
+    for impl in (None, "auto", "torch"):
+        assert torch.equal(cross_entropy(x, t, impl=impl), want)  # on CPU: PyTorch's, fp32
+    assert torch.equal(cross_entropy(x.bfloat16(), t), F.cross_entropy(x.bfloat16().float(), t, reduction="none"))
+    assert want[0] == 0 and (want[1:] > 0).all()
+    with pytest.raises(ValueError, match="unknown cross-entropy implementation 'fast'.*MAGMA_CROSS_ENTROPY"):
+        cross_entropy(x, t, impl="fast")
+    monkeypatch.setenv("MAGMA_CROSS_ENTROPY", "kernel")
+    with pytest.raises(ValueError, match="'kernel'"):
+        cross_entropy(x, t)
+    monkeypatch.setenv("MAGMA_CROSS_ENTROPY", "torch")
+    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\); got \(6, 50\) and \(5,\)"):
+        cross_entropy(x, t[:5])
+    if not INTERPRET:  # CPU tensors need the interpreter (or Triton itself is missing): one clear line
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET|needs Triton"):
+            cross_entropy(x, t, impl="triton")
+
+
+if INTERPRET:  # collected only in the interpreter's subprocess (test_cross_entropy_kernels_interpreted)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("N,V,offset", [(1, 1, 0.0), (5, 31, 0.0), (7, 32, 0.0), (6, 100, 1000.0),
+                                            (3, 257, -50.0)])
+    def test_interpreted_kernels_equal_pytorch(dtype, N, V, offset):
+        """Loss and gradient, per-row weights and a summed loss (a broadcast, stride-0 gradient), on
+        vocabularies of one loop step, a ragged one, and several (the interpreter's steps are 32 wide)."""
+        x, t = ce_inputs(N, V, dtype, offset=offset)
+        x.requires_grad_()
+        ours = cross_entropy(x, t, impl="triton")
+        ref = F.cross_entropy(x.float(), t, reduction="none")  # fp32, from the same 16-bit values
+        assert ours.dtype == torch.float32
+        # x - lse rounds to fp32 steps of the logits' size (6e-5 near 1000) in either implementation
+        rounding = 4 * 2 ** -23 * x.abs().max().item()
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=2e-6 + rounding)
+        assert ours[0] == 0  # the ignored row
+        w = torch.randn(N, generator=torch.Generator().manual_seed(1))
+        for weights in (w, None):  # None: loss.sum()
+            got = torch.autograd.grad(ours if weights is None else ours @ weights, x, torch.ones(()),
+                                      retain_graph=True)[0] if weights is not None else \
+                torch.autograd.grad(ours.sum(), x, retain_graph=True)[0]
+            want = torch.autograd.grad(ref.sum() if weights is None else ref @ weights, x, retain_graph=True)[0]
+            assert got.dtype == dtype and not got[0].any()  # nothing flows from the ignored row
+            tol = dict(rtol=1e-5 + rounding, atol=1e-7) if dtype == torch.float32 else {}  # fp16: one rounding
+            torch.testing.assert_close(got, want, **tol)
+
+    def test_interpreted_kernels_edge_cases():
+        x, t = ce_inputs(4, 70)
+        wide = torch.zeros(4, 90)  # a row stride other than V, as a slice of wider logits gives
+        wide[:, :70] = x
+        torch.testing.assert_close(cross_entropy(wide[:, :70], t, impl="triton"),
+                                   F.cross_entropy(x, t, reduction="none"), rtol=1e-6, atol=2e-6)
+        columns = x.t().contiguous().t()  # column-major: copied to rows first
+        torch.testing.assert_close(cross_entropy(columns, t, impl="triton"),
+                                   F.cross_entropy(x, t, reduction="none"), rtol=1e-6, atol=2e-6)
+        # every row ignored: zero loss, zero gradient; no rows at all: empty
+        x.requires_grad_()
+        none = cross_entropy(x, torch.full((4,), -100), impl="triton")
+        none.sum().backward()
+        assert not none.any() and not x.grad.any()
+        assert cross_entropy(torch.zeros(0, 70), torch.zeros(0, dtype=torch.long), impl="triton").shape == (0,)
+        # a target outside the vocabulary: NaN, never a plausible number (PyTorch raises there)
+        bad = cross_entropy(x.detach(), torch.tensor([1, 70, -1, 2]), impl="triton")
+        assert bad[[0, 3]].isfinite().all() and bad[[1, 2]].isnan().all()
+
+    def test_interpreted_magma_loss_and_gradients_equal_pytorch(monkeypatch):
+        """The captioning loss through the kernels (MAGMA_CROSS_ENTROPY=triton) against PyTorch's."""
+        model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1))
+        ids, mask = captions(model.tokenizer, ["hello", "hi"])
+        results = {}
+        for impl in ("torch", "triton"):
+            monkeypatch.setenv("MAGMA_CROSS_ENTROPY", impl)
+            model.zero_grad()
+            torch.manual_seed(0)  # the same prefix-dropout mask
+            loss = model(pixels(2), ids, mask)
+            loss.backward()
+            results[impl] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        (l0, g0), (l1, g1) = results["torch"], results["triton"]
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+        assert g0.keys() == g1.keys() and len(g0) > 10
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(TRITON_IMPORT_ERROR is not None, reason="needs triton")
+def test_cross_entropy_kernels_interpreted(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "interpreted_"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"\b12 passed\b", proc.stdout), proc.stdout[-2000:]  # 10 + 2, none skipped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_cross_entropy_kernels_bf16():
+    """GPT-2's vocabulary in bf16: the loss equals PyTorch's fp32 loss on the same values, and the
+    gradient PyTorch's fp32 gradient rounded to bf16 (at most one bf16 step apart)."""
+    x, t = ce_inputs(512, 50257, torch.bfloat16, device="cuda", spread=3.0)
+    t[1::7] = -100
+    x.requires_grad_()
+    ours = cross_entropy(x, t)  # auto: the kernels on CUDA
+    ref = F.cross_entropy(x.float(), t, reduction="none")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(ours.sum(), x)[0]
+    want = torch.autograd.grad(ref.sum(), x)[0]  # fp32 math, cast to bf16 by .float()'s backward
+    assert got.dtype == torch.bfloat16 and not got[1::7].any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-7)
