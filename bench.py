@@ -382,6 +382,7 @@ TRAIN_VARIANTS = {
     "transformers-bf16lm": ("transformers", "bf16", "sdpa", "eager"),
     "ours-fp32lm": ("ours", "fp32", "auto", "eager"),
     "ours-sdpa": ("ours", "bf16", "sdpa", "eager"),
+    "ours-sdpa-torchce": ("ours", "bf16", "sdpa-torchce", "eager"),  # PyTorch's cross-entropy, not magma's kernels
     "ours": ("ours", "bf16", "auto", "eager"),
     "ours-sdpa-graph": ("ours", "bf16", "sdpa", "graph"),
     "ours-graph": ("ours", "bf16", "auto", "graph"),
@@ -481,8 +482,10 @@ def environ(**values):
                 os.environ[name] = value
 
 
-# A row's attention column -> what attention.py reads at every call (any other value: MAGMA_ATTENTION)
-ATTENTION_ENV = {"auto-fusedbwd": {"MAGMA_ATTENTION": "auto", "MAGMA_FLASH_BACKWARD": "fused"}}
+# A row's attention column -> the environment attention.py (and magma.cross_entropy) read at every
+# call; any other value is MAGMA_ATTENTION's
+ATTENTION_ENV = {"auto-fusedbwd": {"MAGMA_ATTENTION": "auto", "MAGMA_FLASH_BACKWARD": "fused"},
+                 "sdpa-torchce": {"MAGMA_ATTENTION": "sdpa", "MAGMA_CROSS_ENTROPY": "torch"}}
 
 
 def attention_impl(impl):

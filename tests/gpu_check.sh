@@ -6,7 +6,8 @@
 # the least known first:
 #   tests            the GPU tests (bf16/fp16 kernel, determinism, CUDA graphs, a GPU training run)
 #   attention        the kernel's first launch configs (MAGMA_FLASH_AUTOTUNE=0), either backward, vs SDPA
-#   train            the training step: transformers assembly, ours eager, CUDA-graphed and compiled
+#   train            the training step: transformers assembly, ours eager (also with PyTorch's cross-entropy),
+#                    CUDA-graphed and compiled
 #   attention_tuned  the same shapes autotuned, with the configs the autotuner chose in each row's note
 #   generate, big    greedy decoding vs transformers; the GPT-J-sized model
 cd "$(dirname "$0")/.." || exit 1  # the repository root
@@ -30,11 +31,11 @@ export MAGMA_FLASH_AUTOTUNE=0
 step 150 tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpt.py tests/test_magma.py \
   tests/test_train.py tests/test_bench.py -k "(gpu or cuda) and not interpreted and not without_gpu"
 step 90 attention $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES --json "$OUT/attention.json"
-step 210 train $PY bench.py train --warmup 2 --iters 10 \
-  --variants transformers,ours-sdpa,ours,ours-fusedbwd,ours-sdpa-graph,ours-graph,ours-fusedbwd-graph,\
+step 230 train $PY bench.py train --warmup 2 --iters 10 \
+  --variants transformers,ours-sdpa,ours-sdpa-torchce,ours,ours-fusedbwd,ours-sdpa-graph,ours-graph,ours-fusedbwd-graph,\
 ours-compile,ours-sdpa-compile \
   --json "$OUT/train.json"
-MAGMA_FLASH_AUTOTUNE=1 step 120 attention_tuned $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES \
+MAGMA_FLASH_AUTOTUNE=1 step 100 attention_tuned $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES \
   --json "$OUT/attention_tuned.json"
 step 70 generate $PY bench.py generate --new-tokens 128 --warmup 1 --iters 3 --json "$OUT/generate.json"
 step 60 big $PY bench.py big --max-batch 64 --warmup 1 --iters 3 --json "$OUT/big.json"
