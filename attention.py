@@ -1006,8 +1006,8 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     return dq, dk, dv
 
 
-def _device_guard(t):
-    """Launch on t's GPU (Triton uses the current device), a no-op on CPU."""
+def on_device(t):
+    """Launch on t's GPU (Triton launches on the current device), a no-op on CPU (also magma.py's)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -1021,14 +1021,14 @@ def _device_guard(t):
 def _forward(q, k, v, kpm, causal, scale):
     """o (like q) and lse2 (B, H, Tq) fp32; kpm is the uint8 (B, Tk) mask or None."""
     kpm, kpm_stride = _as_kpm(kpm, q)
-    with _device_guard(q):
+    with on_device(q):
         return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
 
 
 def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused):
     """dq (None unless need_dq), dk, dv from what the forward saved; kpm as in _forward."""
     kpm, kpm_stride = _as_kpm(kpm, q)
-    with _device_guard(q):
+    with on_device(q):
         return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, fused)
 
 
@@ -1124,7 +1124,7 @@ def flash_decode(q, k, v, key_padding_mask=None, scale=None, num_splits=None):
         raise ValueError(f"flash_decode takes one query per row, q is {tuple(q.shape)}")
     scale = _flash_scale(q, scale)
     kpm, kpm_stride = _as_kpm(key_padding_mask, q)
-    with torch.no_grad(), _device_guard(q):
+    with torch.no_grad(), on_device(q):
         o, _ = _flash_forward(q, k, v, False, kpm, kpm_stride, scale, decode_splits=num_splits)
     return o
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adapters import AdapterConfig, Adapted, add_adapters, adapter_report, freeze
-from attention import INTERPRET, TRITON_IMPORT_ERROR, tl, triton
+from attention import INTERPRET, TRITON_IMPORT_ERROR, on_device, tl, triton
 from data import ImageError, clip_preprocess, load_image
 from gpt import EOS_CHECK_EVERY, GPT, DecodeStep, GPTConfig, load_checked, sample_next
 from tokenizer import ByteTokenizer, Tokenizer
@@ -230,8 +230,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         loss = torch.empty(N, device=logits.device, dtype=torch.float32)
         lse = torch.empty(N, device=logits.device, dtype=torch.float32)
         if N:
-            _ce_forward_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), V, IGNORE=IGNORE_INDEX,
-                                     BLOCK_V=_ce_block(V), num_warps=CE_WARPS)
+            with on_device(logits):
+                _ce_forward_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), V, IGNORE=IGNORE_INDEX,
+                                         BLOCK_V=_ce_block(V), num_warps=CE_WARPS)
         ctx.save_for_backward(logits, targets, lse)
         return loss
 
@@ -241,9 +242,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         dx = torch.empty_like(logits)
         if N:
-            _ce_backward_kernel[(N,)](logits, targets, lse, dloss, dx, logits.stride(0), dx.stride(0),
-                                      dloss.stride(0), V, IGNORE=IGNORE_INDEX, BLOCK_V=_ce_block(V),
-                                      num_warps=CE_WARPS)
+            with on_device(logits):
+                _ce_backward_kernel[(N,)](logits, targets, lse, dloss, dx, logits.stride(0), dx.stride(0),
+                                          dloss.stride(0), V, IGNORE=IGNORE_INDEX, BLOCK_V=_ce_block(V),
+                                          num_warps=CE_WARPS)
         return dx, None
 
 
