@@ -180,11 +180,14 @@ def _ce_forward_kernel(X, TARGET, LOSS, LSE, stride_x, V, IGNORE: tl.constexpr, 
     x_row = X + row * stride_x
     m = tl.full([], float("-inf"), tl.float32)                            # running maximum
     s = tl.zeros([], tl.float32)                                          # running sum of exp(x - m)
-    for start in range(0, V, BLOCK_V):  # every step holds at least one real entry: m is finite after it
+    for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)  # (BLOCK_V,)
         m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        # Until a finite logit is seen (a masked vocabulary may start with -inf entries) m_new = -inf:
+        # subtracting 0 there keeps exp(-inf) = 0 where exp(-inf - (-inf)) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
         m = m_new
     lse = m + tl.log(s)
     t = tl.load(TARGET + row)
@@ -251,16 +254,20 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits, targets, impl=None):
     """Per-row next-token loss: -log softmax(logits)[target] as fp32 (N,), 0 where target == -100.
-    logits (N, V) in any float dtype, targets (N,) integer. The fused kernels on CUDA (see above),
+    logits (N, V) in any float dtype, targets (N,) int64 or int32. The fused kernels on CUDA (see above),
     F.cross_entropy on fp32 logits elsewhere; impl (or MAGMA_CROSS_ENTROPY) = "torch" or "triton"
     forces one."""
     impl = impl or os.environ.get("MAGMA_CROSS_ENTROPY", "auto")
     if impl not in CROSS_ENTROPY_IMPLS:
         raise ValueError(f"unknown cross-entropy implementation {impl!r} (impl= or MAGMA_CROSS_ENTROPY); "
                          f"choose one of {CROSS_ENTROPY_IMPLS}")
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy takes logits (N, V) and targets (N,); got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy takes logits (N, V) with V >= 1 and targets (N,); got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32) or targets.device != logits.device:
+        raise ValueError(f"cross_entropy's targets must be int64 or int32 on the logits' device ({logits.device}); "
+                         f"got {targets.dtype} on {targets.device}")
+    targets = targets.long()
     if impl == "triton":
         if TRITON_IMPORT_ERROR is not None:
             raise RuntimeError(f"the fused cross-entropy needs Triton, which failed to import "
@@ -274,7 +281,7 @@ def cross_entropy(logits, targets, impl=None):
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return _FusedCrossEntropy.apply(logits, targets.to(torch.int64).contiguous())
+    return _FusedCrossEntropy.apply(logits, targets.contiguous())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -647,8 +647,13 @@ def test_cross_entropy_dispatch_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="'kernel'"):
         cross_entropy(x, t)
     monkeypatch.setenv("MAGMA_CROSS_ENTROPY", "torch")
-    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\); got \(6, 50\) and \(5,\)"):
+    with pytest.raises(ValueError, match=r"logits \(N, V\) with V >= 1 and targets \(N,\); got \(6, 50\) and \(5,\)"):
         cross_entropy(x, t[:5])
+    with pytest.raises(ValueError, match=r"got \(6, 0\)"):
+        cross_entropy(x[:, :0], t)
+    with pytest.raises(ValueError, match="targets must be int64 or int32 .* got torch.float32"):
+        cross_entropy(x, t.float())
+    assert torch.equal(cross_entropy(x, t.int()), want)  # int32 ids too, on either path
     if not INTERPRET:  # CPU tensors need the interpreter (or Triton itself is missing): one clear line
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET|needs Triton"):
             cross_entropy(x, t, impl="triton")
@@ -689,6 +694,18 @@ if INTERPRET:  # collected only in the interpreter's subprocess (test_cross_entr
         columns = x.t().contiguous().t()  # column-major: copied to rows first
         torch.testing.assert_close(cross_entropy(columns, t, impl="triton"),
                                    F.cross_entropy(x, t, reduction="none"), rtol=1e-6, atol=2e-6)
+        # a masked vocabulary: -inf logits, a whole loop step of them first (the running maximum is
+        # -inf until a finite one comes), in an ignored row too, whose gradient must stay exactly 0
+        masked = x.clone()
+        masked[:, :40] = float("-inf")
+        masked[:, 45] = float("-inf")
+        masked.requires_grad_()
+        t_masked = torch.tensor([-100, 50, 41, 69])
+        got = cross_entropy(masked, t_masked, impl="triton")
+        want = F.cross_entropy(masked.float(), t_masked, reduction="none")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
+        got.sum().backward()
+        assert masked.grad.isfinite().all() and not masked.grad[0].any() and not masked.grad[:, :40].any()
         # every row ignored: zero loss, zero gradient; no rows at all: empty
         x.requires_grad_()
         none = cross_entropy(x, torch.full((4,), -100), impl="triton")
