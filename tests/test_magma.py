@@ -758,3 +758,26 @@ def test_gpu_cross_entropy_kernels_bf16():
     want = torch.autograd.grad(ref.sum(), x)[0]  # fp32 math, cast to bf16 by .float()'s backward
     assert got.dtype == torch.bfloat16 and not got[1::7].any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_magma_loss_equal_with_either_cross_entropy(monkeypatch):
+    """Training under bf16 autocast on a GPU: the captioning loss and the gradients of the trained
+    parameters through magma's kernels match PyTorch's cross-entropy (the same bf16 logits feed both)."""
+    model = tiny_magma(adapters=AdapterConfig(init="normal", init_std=0.1)).cuda()
+    ids, mask = captions(model.tokenizer, ["hello", "hi"])
+    results = {}
+    for impl in ("torch", "triton"):
+        monkeypatch.setenv("MAGMA_CROSS_ENTROPY", impl)
+        model.zero_grad()
+        torch.manual_seed(0)  # the same prefix-dropout mask
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(pixels(2).cuda(), ids.cuda(), mask.cuda())
+        loss.backward()
+        results[impl] = loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}
+    (l0, g0), (l1, g1) = results["torch"], results["triton"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:  # the logits' gradient may differ by one bf16 rounding step
+        torch.testing.assert_close(g1[name], g0[name], rtol=2e-2, atol=1e-4, msg=name)
