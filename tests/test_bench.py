@@ -93,6 +93,24 @@ def test_big_smoke_doubles_the_batch(tmp_path):
         assert all(r[k] > 0 for k in POSITIVE), r
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the CPU shapes")
+def test_attention_profile_script_runs_each_shape_and_names_bad_ones(capsys):
+    """tests/attention_profile.py (what gpu_check.sh hands to Nsight Compute) on the CPU: SDPA on every
+    smoke shape; the Triton rows need the interpreter and say so; unknown names end in one message."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import attention_profile
+    attention_profile.main(["--impls", "sdpa-flash,triton"])
+    err = capsys.readouterr().err
+    for shape in ("gpt2-tiny", "vit-tiny"):
+        assert f"{shape} (B,H,Tq,Tk,D" in err and "sdpa-flash: profiled" in err
+        interpreted = attention_profile.A.INTERPRET  # then the Triton rows run too
+        assert f"{shape} triton: skipped (CPU tensors need TRITON_INTERPRET=1)" in err or interpreted
+    for argv, named in ((["--shapes", "decode-tiny"], "decode-tiny"), (["--impls", "sdpa"], "sdpa")):
+        with pytest.raises(SystemExit) as e:
+            attention_profile.main(argv)
+        assert named in str(e.value) and "choose from" in str(e.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
 @pytest.mark.parametrize("command", ["train", "generate", "big"])
 def test_without_gpu_one_clear_line(command):
