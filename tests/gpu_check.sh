@@ -37,7 +37,7 @@ profile() {  # Nsight Compute on one forward+backward per shape (PROFILE_SHAPES)
   local sections=""
   for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats ComputeWorkloadAnalysis \
            MemoryWorkloadAnalysis InstructionStats; do sections="$sections --section $s"; done
-  "$ncu" --profile-from-start off --clock-control none $sections -f -o "$rep" \
+  "$ncu" --profile-from-start off --target-processes application-only --clock-control none $sections -f -o "$rep" \
     $PY tests/attention_profile.py --shapes ${PROFILE_SHAPES:-vit-b16,long} --impls triton,triton-fusedbwd,sdpa-flash || return
   "$ncu" --import "$rep.ncu-rep" --csv --page raw > "$OUT/ncu_raw.csv"
   "$ncu" --import "$rep.ncu-rep" --page details
