@@ -299,6 +299,8 @@ def bench_attention(args):
     if args.shapes:  # the names of this run's table: --cpu-smoke on a CPU has its own tiny shapes
         picked = pick_variants("attention", [s[0] for s in shapes], args.shapes, flag="--shapes")
         shapes = [s for s in shapes if s[0] in picked]
+    every = list(dict.fromkeys([*attention_impls(A, decode=False), *attention_impls(A, decode=True)]))
+    impls = pick_variants("attention", every, args.impls, flag="--impls")
     warmup, iters = (args.warmup, args.iters) if cuda else (0, 1)
     rows = new_rows({
         "benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
@@ -317,6 +319,8 @@ def bench_attention(args):
                        for T in (Tq, Tk, Tk, Tq))
         flops = attention_flops(B, H, Tq, Tk, D, causal)
         for impl, fn in attention_impls(A, decode).items():
+            if impl not in impls:
+                continue
             row = {"shape": name, "B,H,Tq,Tk,D": f"{B},{H},{Tq},{Tk},{D}", "causal": causal, "impl": impl}
             rows.append(row)
             if impl.startswith("triton") and not (cuda or A.INTERPRET):
@@ -1145,6 +1149,9 @@ def main(argv=None):
                    help="run tiny shapes on the CPU (even where a GPU is) to check that the script works")
     p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
                    + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
+    p.add_argument("--impls", help="comma-separated subset of the implementations: triton, triton-fusedbwd, "
+                   "triton-{1,4,16}split and triton-blockkernel (decode), sdpa-flash, sdpa-cudnn, sdpa-efficient, "
+                   "reference (default: all)")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed iterations first")
     p.add_argument("--iters", type=positive_int, default=50, help="timed iterations")
     p.set_defaults(func=bench_attention)

@@ -10,7 +10,8 @@
 #                    CUDA-graphed and compiled
 #   profile          Nsight Compute's counters for the attention kernels (tests/attention_profile.py):
 #                    ncu_raw.csv, one row per kernel; the readable report goes to the log
-#   attention_tuned  the same shapes autotuned, with the configs the autotuner chose in each row's note
+#   attention_tuned  the Triton kernel autotuned (each config compiled and timed on first use: the short
+#                    shapes where its backward lags, and long), the configs it chose in each row's note
 #   generate, big    greedy decoding vs transformers; the GPT-J-sized model
 # A lease is 15 minutes of device time, the machine's start included: the default budget (480 s) leaves
 # room for that start and for a rerun of a step that failed.
@@ -56,8 +57,8 @@ step 180 train $PY bench.py train --warmup 2 --iters 10 \
 ours-compile,ours-sdpa-compile \
   --json "$OUT/train.json"
 step 75 profile bash -c profile
-MAGMA_FLASH_AUTOTUNE=1 step 80 attention_tuned $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES \
-  --json "$OUT/attention_tuned.json"
+MAGMA_FLASH_AUTOTUNE=1 step 100 attention_tuned $PY bench.py attention --warmup 3 --iters 20 \
+  --shapes gpt2,vit-b16,vit-l14-336,long --impls triton,triton-fusedbwd,sdpa-flash --json "$OUT/attention_tuned.json"
 step 60 generate $PY bench.py generate --new-tokens 128 --warmup 1 --iters 3 --json "$OUT/generate.json"
 step 50 big $PY bench.py big --max-batch 64 --warmup 1 --iters 3 --json "$OUT/big.json"
 echo "=== done at $SECONDS s"

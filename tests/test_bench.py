@@ -131,6 +131,16 @@ def test_unknown_shape_is_named():
         bench.main(["attention", "--cpu-smoke", "--shapes", "bogus"])
 
 
+def test_attention_runs_only_the_implementations_named(tmp_path):
+    payload = run(tmp_path, "attention", "--shapes", "vit-tiny,decode-tiny", "--impls", "reference,triton-4split")
+    assert [(r["shape"], r["impl"]) for r in payload["rows"]] == [("vit-tiny", "reference"),
+                                                                  ("decode-tiny", "triton-4split"),
+                                                                  ("decode-tiny", "reference")]
+    assert payload["rows"][0]["fwdbwd_ms"] > 0
+    with pytest.raises(SystemExit, match=r"unknown --impls \['sdpa'\]; choose from triton,"):
+        bench.main(["attention", "--cpu-smoke", "--impls", "reference,sdpa"])
+
+
 @pytest.mark.parametrize("argv", [["attention", "--iters", "0"], ["attention", "--warmup", "-1"],
                                   ["train", "--warmup", "-1"], ["big", "--warmup", "-2"]])
 def test_bad_counts_are_refused(argv, capsys):
