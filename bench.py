@@ -297,10 +297,10 @@ def bench_attention(args):
     dtype = DTYPES[args.dtype] if cuda else torch.float32  # the interpreter mishandles bf16 dots
     shapes = ATTENTION_SHAPES if cuda else SMOKE_SHAPES
     if args.shapes:  # the names of this run's table: --cpu-smoke on a CPU has its own tiny shapes
-        picked = pick_variants("attention", [s[0] for s in shapes], args.shapes, flag="--shapes")
+        picked = pick_variants("bench.py attention", [s[0] for s in shapes], args.shapes, flag="--shapes")
         shapes = [s for s in shapes if s[0] in picked]
     every = list(dict.fromkeys([*attention_impls(A, decode=False), *attention_impls(A, decode=True)]))
-    impls = pick_variants("attention", every, args.impls, flag="--impls")
+    impls = pick_variants("bench.py attention", every, args.impls, flag="--impls")
     warmup, iters = (args.warmup, args.iters) if cuda else (0, 1)
     rows = new_rows({
         "benchmark": "attention", "dtype": str(dtype).replace("torch.", ""),
@@ -437,13 +437,14 @@ def positive_ints(text):
 
 
 def pick_variants(command, table, names, flag="--variants"):
-    """The rows to run: a comma-separated subset of `table` (None = all), checked."""
+    """The rows to run: a comma-separated subset of `table` (None = all), checked; an unknown name ends
+    the run with one message that starts with `command` (e.g. "bench.py train")."""
     if names is None:
         return list(table)
     picked = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in picked if n not in table]
     if unknown or not picked:
-        raise SystemExit(f"bench.py {command}: unknown {flag} {unknown or names!r}; choose from {','.join(table)}")
+        raise SystemExit(f"{command}: unknown {flag} {unknown or names!r}; choose from {','.join(table)}")
     return picked
 
 
@@ -821,7 +822,7 @@ def bench_train(args):
     device = bench_device("train", args)
     smoke = args.cpu_smoke
     batch, text_len, warmup, iters = (2, 8, 0, 2) if smoke else (args.batch_size, args.text_len, args.warmup, args.iters)
-    names = pick_variants("train", TRAIN_VARIANTS, args.variants)
+    names = pick_variants("bench.py train", TRAIN_VARIANTS, args.variants)
     lm_config, vit_config = magma_shapes(smoke)
     masters = dict(zip(("ours", "transformers"), build_pair(lm_config, vit_config)))
     ours = masters["ours"]
@@ -906,7 +907,7 @@ def bench_generate(args):
     smoke = args.cpu_smoke
     batches, new, prompt_len, warmup, iters = ((1, 2), 8, 4, 0, 1) if smoke else (
         args.batch_sizes, args.new_tokens, args.prompt_len, args.warmup, args.iters)
-    names = pick_variants("generate", GENERATE_VARIANTS, args.variants)
+    names = pick_variants("bench.py generate", GENERATE_VARIANTS, args.variants)
     dtype = torch.float32 if smoke else DTYPES[args.dtype]
     lm_config, vit_config = magma_shapes(smoke)
     ours, theirs = build_pair(lm_config, vit_config)

@@ -34,15 +34,6 @@ def forward_backward(fn, q, k, v, do, causal):
     return torch.autograd.grad(fn(qg, kg, vg, causal), (qg, kg, vg), do)
 
 
-def pick(choices, names, flag):
-    """The comma-separated names, each checked against choices."""
-    picked = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in picked if n not in choices]
-    if unknown or not picked:
-        raise SystemExit(f"attention_profile.py: unknown {flag} {unknown or names!r}; choose from {','.join(choices)}")
-    return picked
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", help="comma-separated bench.py attention shapes (default: vit-b16,gpt2,long; "
@@ -52,7 +43,8 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     table = {s[0]: s for s in (bench.ATTENTION_SHAPES if cuda else bench.SMOKE_SHAPES) if s[3] > 1}
     shapes = args.shapes or ("vit-b16,gpt2,long" if cuda else ",".join(table))
-    names, impls = pick(list(table), shapes, "--shapes"), pick(IMPLS, args.impls, "--impls")
+    names = bench.pick_variants("attention_profile.py", list(table), shapes, flag="--shapes")
+    impls = bench.pick_variants("attention_profile.py", IMPLS, args.impls, flag="--impls")
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # (the interpreter: fp32)
     every = bench.attention_impls(A, decode=False)
     for name in names:
