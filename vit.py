@@ -102,6 +102,24 @@ PRESETS = {
 # The model
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that returns its input's dtype, as the LayerNorm of OpenAI's CLIP code (and
+    open_clip's) does.
+
+    It matters under CUDA autocast, which runs every LayerNorm in fp32: a plain nn.LayerNorm there
+    returns fp32 and so turns the whole residual stream fp32 (every residual add, the next LayerNorm, a
+    copy back to bf16 before each matmul, and the same again in the backward). Here the bf16 input (the
+    patch embedding's output under autocast) is normalised by the bf16 kernel, which accumulates the
+    mean and variance in fp32, with the fp32 weights cast to bf16; the stream stays bf16, as in those
+    codebases' mixed-precision training. An fp32 input without autocast takes plain nn.LayerNorm."""
+
+    def forward(self, x):  # (..., width)
+        if x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens (no mask: every patch sees every patch)."""
 
@@ -145,9 +163,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.ln_1 = LayerNorm(config.width, eps=config.ln_eps)
         self.attn = Attention(config)
-        self.ln_2 = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.ln_2 = LayerNorm(config.width, eps=config.ln_eps)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -167,9 +185,9 @@ class ViT(nn.Module):
         self.conv1 = nn.Conv2d(3, w, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid ** 2 + 1, w))
-        self.ln_pre = nn.LayerNorm(w, eps=config.ln_eps)  # CLIP's one addition to ViT: a LayerNorm before the blocks
+        self.ln_pre = LayerNorm(w, eps=config.ln_eps)  # CLIP's one addition to ViT: a LayerNorm before the blocks
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
-        self.ln_post = nn.LayerNorm(w, eps=config.ln_eps)
+        self.ln_post = LayerNorm(w, eps=config.ln_eps)
         self.proj = None if config.embed_dim is None else nn.Parameter(scale * torch.randn(w, config.embed_dim))
 
     def forward(self, pixels):

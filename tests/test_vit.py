@@ -517,6 +517,72 @@ def test_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_layernorm_returns_its_input_dtype():
+    """vit.LayerNorm with fp32 weights (a trained ViT) on a bf16 input (the patch embedding under
+    autocast) returns bf16, with or without autocast: the fp32 computation's numbers to within the
+    rounding of the output and of the weights cast to bf16; its weights' gradients stay fp32. An fp32
+    input is plain layer_norm, also under autocast (where CPU autocast would leave it alone anyway)."""
+    torch.manual_seed(0)
+    ln = vit.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.3)
+        ln.bias.normal_(0.0, 0.3)
+    x = (3 * torch.randn(4, 33, 64) + 1).to(torch.bfloat16)
+    norm = torch.nn.functional.layer_norm(x.float(), (64,))  # (x - mean) / std, fp32
+    exact = norm * ln.weight + ln.bias
+    bound = 2 ** -8 * (norm * ln.weight).abs() + 2 ** -8 * ln.bias.abs() + 2 ** -8 * exact.abs() + 1e-6
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ln(x)
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - exact).abs() <= bound).all()
+    ln.zero_grad()
+    ln(x).float().square().sum().backward()
+    want = torch.autograd.grad(exact.square().sum(), (ln.weight, ln.bias))
+    for got, w in zip((ln.weight.grad, ln.bias.grad), want):
+        assert got.dtype == torch.float32 and (got - w).norm() <= 2e-2 * w.norm()
+    x32 = x.float().requires_grad_()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ln(x32)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, torch.nn.functional.layer_norm(x32, (64,), ln.weight, ln.bias, ln.eps))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+def test_gpu_residual_stream_stays_bf16_under_cuda_autocast():
+    """CUDA autocast runs LayerNorm in fp32; a plain nn.LayerNorm would then make the ViT's whole
+    residual stream fp32, forward and backward. Ours returns bf16, as OpenAI's CLIP code does: no fp32
+    (B, 1+N, width) tensor is made, and the output stays near the fp32 model's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Activations(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.seen = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == self.shape:
+                    self.seen.append(str(func))
+            return out
+
+    model = perturb_(ViT(ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=None)))
+    model = model.cuda()
+    pixels = torch.randn(3, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        want = model(pixels)
+    mode = Fp32Activations(want.shape)
+    with mode:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model(pixels)
+        (hidden * hidden).sum().backward()  # a bf16 loss: any fp32 (B, 1+N, width) tensor is the model's
+    assert hidden.dtype == torch.bfloat16 and model.conv1.weight.grad.dtype == torch.float32
+    assert mode.seen == [], f"fp32 activations made by {mode.seen}"
+    assert (hidden.float() - want).norm() <= 3e-2 * want.norm()
+
+
 def test_quick_gelu_mlp_is_one_silu_each_way():
     """The MLP computes c_proj(x * sigmoid(1.702 x)) as SiLU with 1.702 folded into the weights: the
     same output and gradients as the formula (fp32), and one elementwise pass over the (B, T, hidden)
