@@ -132,7 +132,9 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        # Split off q, k, v first, then move the heads forward: backward, autograd stacks their gradients
+        # straight into the (B, T, 3, H, D) layout (one copy; splitting last would add a second).
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, T, D)
         y = attention(q, k, v)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 

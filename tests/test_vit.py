@@ -583,6 +583,33 @@ def test_gpu_residual_stream_stays_bf16_under_cuda_autocast():
     assert (hidden.float() - want).norm() <= 3e-2 * want.norm()
 
 
+def test_attention_gradient_reaches_the_qkv_projection_in_one_copy():
+    """Backward, the gradients of q, k and v are stacked straight into the projection's (B, T, 3, H, D)
+    layout: one pass over a (B, T, 3 * width) tensor besides the matmuls, not a stack and then a copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class QkvPasses(TorchDispatchMode):  # ops (not matmuls or views) with a (B, T, 3 * width) output
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view \
+                    and func not in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.ops.append(func.__name__)
+            return out
+
+    cfg = ViTConfig(image_size=32, patch_size=8, width=64, layers=1, heads=2, embed_dim=None)
+    attn = perturb_(vit.Attention(cfg))
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    mode = QkvPasses(2 * 17 * 3 * 64)
+    with mode:
+        attn(x).square().sum().backward()
+    assert mode.ops == ["stack.default"], mode.ops
+    assert x.grad is not None and attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_quick_gelu_mlp_is_one_silu_each_way():
     """The MLP computes c_proj(x * sigmoid(1.702 x)) as SiLU with 1.702 folded into the weights: the
     same output and gradients as the formula (fp32), and one elementwise pass over the (B, T, hidden)
