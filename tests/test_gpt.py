@@ -267,33 +267,19 @@ def test_layernorm_of_a_16_bit_model_stays_16_bit_under_autocast():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
-def test_bf16_model_under_cuda_autocast_makes_no_fp32_activations(models):
+def test_bf16_model_under_cuda_autocast_makes_no_fp32_activations(models, ops_making):
     """CUDA autocast would run each LayerNorm in fp32: fp32 copies of (B, T, C) tensors, forward and
     backward. A bf16 model (train.py --lm_dtype bf16, frozen) keeps every activation in bf16."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Fp32Activations(TorchDispatchMode):
-        def __init__(self, shape):
-            super().__init__()
-            self.shape, self.seen = shape, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == self.shape:
-                    self.seen.append(str(func))
-            return out
-
     model = GPT(models["gpt2"].config).cuda().to(torch.bfloat16).requires_grad_(False)
     model.load_state_dict(models["gpt2"].state_dict())
     x = model.transformer.wte(random_ids(2, 16).cuda()).detach().requires_grad_()  # (B, T, C) bf16
-    mode = Fp32Activations(x.shape)
+    mode = ops_making(lambda t: t.dtype == torch.float32 and t.shape == x.shape, matmuls=True)
     with mode:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model(inputs_embeds=x, return_hidden=True)
         (hidden * hidden).sum().backward()  # a bf16 loss: any fp32 (B, T, C) tensor is the model's
     assert hidden.dtype == torch.bfloat16 and x.grad is not None
-    assert mode.seen == [], f"fp32 activations made by {mode.seen}"
+    assert mode.ops == [], f"fp32 activations made by {mode.ops}"
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))

@@ -550,84 +550,42 @@ def test_layernorm_returns_its_input_dtype():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
-def test_gpu_residual_stream_stays_bf16_under_cuda_autocast():
+def test_gpu_residual_stream_stays_bf16_under_cuda_autocast(ops_making):
     """CUDA autocast runs LayerNorm in fp32; a plain nn.LayerNorm would then make the ViT's whole
     residual stream fp32, forward and backward. Ours returns bf16, as OpenAI's CLIP code does: no fp32
     (B, 1+N, width) tensor is made, and the output stays near the fp32 model's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Fp32Activations(TorchDispatchMode):
-        def __init__(self, shape):
-            super().__init__()
-            self.shape, self.seen = shape, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == self.shape:
-                    self.seen.append(str(func))
-            return out
-
     model = perturb_(ViT(ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=None)))
     model = model.cuda()
     pixels = torch.randn(3, 3, 32, 32, device="cuda")
     with torch.no_grad():
         want = model(pixels)
-    mode = Fp32Activations(want.shape)
+    mode = ops_making(lambda t: t.dtype == torch.float32 and t.shape == want.shape, matmuls=True)
     with mode:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model(pixels)
         (hidden * hidden).sum().backward()  # a bf16 loss: any fp32 (B, 1+N, width) tensor is the model's
     assert hidden.dtype == torch.bfloat16 and model.conv1.weight.grad.dtype == torch.float32
-    assert mode.seen == [], f"fp32 activations made by {mode.seen}"
+    assert mode.ops == [], f"fp32 activations made by {mode.ops}"
     assert (hidden.float() - want).norm() <= 3e-2 * want.norm()
 
 
-def test_attention_gradient_reaches_the_qkv_projection_in_one_copy():
+def test_attention_gradient_reaches_the_qkv_projection_in_one_copy(ops_making):
     """Backward, the gradients of q, k and v are stacked straight into the projection's (B, T, 3, H, D)
     layout: one pass over a (B, T, 3 * width) tensor besides the matmuls, not a stack and then a copy."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class QkvPasses(TorchDispatchMode):  # ops (not matmuls or views) with a (B, T, 3 * width) output
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.ops = numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view \
-                    and func not in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                self.ops.append(func.__name__)
-            return out
-
     cfg = ViTConfig(image_size=32, patch_size=8, width=64, layers=1, heads=2, embed_dim=None)
     attn = perturb_(vit.Attention(cfg))
     x = torch.randn(2, 17, 64, requires_grad=True)
-    mode = QkvPasses(2 * 17 * 3 * 64)
+    mode = ops_making(lambda t: t.numel() == 2 * 17 * 3 * 64)
     with mode:
         attn(x).square().sum().backward()
     assert mode.ops == ["stack.default"], mode.ops
     assert x.grad is not None and attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_quick_gelu_mlp_is_one_silu_each_way():
+def test_quick_gelu_mlp_is_one_silu_each_way(ops_making):
     """The MLP computes c_proj(x * sigmoid(1.702 x)) as SiLU with 1.702 folded into the weights: the
     same output and gradients as the formula (fp32), and one elementwise pass over the (B, T, hidden)
     activation forward and one backward, where the formula takes three and five."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ActivationPasses(TorchDispatchMode):  # ops (not matmuls or views) with a (B, T, hidden) output
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.ops = numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view \
-                    and func not in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                self.ops.append(func.__name__)
-            return out
-
     cfg = ViTConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=None)
     mlp = perturb_(vit.MLP(cfg))
     x = (2 * torch.randn(2, 17, 32)).requires_grad_()
@@ -635,7 +593,7 @@ def test_quick_gelu_mlp_is_one_silu_each_way():
     for fused in (True, False):
         mlp.zero_grad()
         x.grad = None
-        mode = ActivationPasses(2 * 17 * cfg.hidden)
+        mode = ops_making(lambda t: t.numel() == 2 * 17 * cfg.hidden)
         with mode:
             y = mlp(x) if fused else mlp.c_proj(vit.quick_gelu(mlp.c_fc(x)))
             y.square().sum().backward()
