@@ -410,10 +410,11 @@ class Magma(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
             raise ValueError(f"pixels must have shape (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
         hidden = self.vit(pixels.to(self.vit.conv1.weight.device))  # (B, 1+N, width)
-        if not torch.is_autocast_enabled(hidden.device.type):  # (autocast casts for the projection itself)
-            hidden = hidden.to(self.prefix.proj.weight.dtype)  # e.g. an fp16 CLIP before an fp32 prefix
-        wte = self.lm.transformer.wte.weight
-        return self.prefix(hidden.to(wte.device)).to(wte.dtype)
+        proj, wte = self.prefix.proj.weight, self.lm.transformer.wte.weight
+        hidden = hidden.to(proj.device)
+        if not torch.is_autocast_enabled(proj.device.type):  # (autocast casts for the projection itself)
+            hidden = hidden.to(proj.dtype)  # e.g. an fp16 CLIP before an fp32 prefix
+        return self.prefix(hidden).to(device=wte.device, dtype=wte.dtype)
 
     def to_pixels(self, image):
         """A PIL image or a (3, S, S) pixel tensor -> (3, S, S) float pixels."""

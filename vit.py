@@ -109,15 +109,18 @@ class LayerNorm(nn.LayerNorm):
     It matters under CUDA autocast, which runs every LayerNorm in fp32: a plain nn.LayerNorm there
     returns fp32 and so turns the whole residual stream fp32 (every residual add, the next LayerNorm, a
     copy back to bf16 before each matmul, and the same again in the backward). Here the bf16 input (the
-    patch embedding's output under autocast) is normalised by the bf16 kernel, which accumulates the
-    mean and variance in fp32, with the fp32 weights cast to bf16; the stream stays bf16, as in those
-    codebases' mixed-precision training. An fp32 input without autocast takes plain nn.LayerNorm."""
+    patch embedding's output under autocast) is normalised by the bf16 kernel, with autocast off and the
+    fp32 weights cast to bf16; the kernel accumulates the mean and variance in fp32 and rounds once, so
+    the result differs from OpenAI's (fp32 throughout, then one rounding) only by the weights' rounding.
+    The stream stays bf16, as in those codebases' mixed-precision training. An input in the weights'
+    dtype without autocast (fp32 training, a model converted to fp16) takes plain nn.LayerNorm."""
 
     def forward(self, x):  # (..., width)
-        if x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if (self.weight is None or x.dtype == self.weight.dtype) and not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
+        weight, bias = (None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class Attention(nn.Module):

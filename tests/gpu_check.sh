@@ -49,8 +49,8 @@ SHAPES=gpt2,gptj,vit-b16,vit-l14-336,long,decode
 export MAGMA_FLASH_AUTOTUNE=0
 export -f profile
 export PY OUT
-step 100 tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpt.py tests/test_magma.py \
-  tests/test_train.py tests/test_bench.py -k "(gpu or cuda) and not interpreted and not without_gpu"
+step 100 tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpt.py tests/test_vit.py \
+  tests/test_magma.py tests/test_train.py tests/test_bench.py -k "(gpu or cuda) and not interpreted and not without_gpu"
 step 75 attention $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES --json "$OUT/attention.json"
 step 180 train $PY bench.py train --warmup 2 --iters 10 \
   --variants transformers,ours-sdpa,ours-sdpa-torchce,ours,ours-fusedbwd,ours-sdpa-graph,ours-graph,ours-fusedbwd-graph,\

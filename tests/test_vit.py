@@ -517,11 +517,21 @@ def test_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_layernorm_returns_its_input_dtype():
+def test_layernorm_returns_its_input_dtype(monkeypatch):
     """vit.LayerNorm with fp32 weights (a trained ViT) on a bf16 input (the patch embedding under
     autocast) returns bf16, with or without autocast: the fp32 computation's numbers to within the
     rounding of the output and of the weights cast to bf16; its weights' gradients stay fp32. An fp32
-    input is plain layer_norm, also under autocast (where CPU autocast would leave it alone anyway)."""
+    input is plain layer_norm, also under autocast. What only CUDA would show (its autocast runs
+    layer_norm in fp32; the CPU's leaves it alone) is checked by how the kernel is called: with autocast
+    off and the weights in the input's dtype."""
+    calls = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def recording(x, shape, weight=None, bias=None, eps=1e-5):
+        calls.append((x.dtype, weight.dtype if weight is not None else None, torch.is_autocast_enabled("cpu")))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", recording)
     torch.manual_seed(0)
     ln = vit.LayerNorm(64)
     with torch.no_grad():
@@ -536,6 +546,7 @@ def test_layernorm_returns_its_input_dtype():
             y = ln(x)
         assert y.dtype == torch.bfloat16
         assert ((y.float() - exact).abs() <= bound).all()
+        assert calls.pop() == (torch.bfloat16, torch.bfloat16, False)
     ln.zero_grad()
     ln(x).float().square().sum().backward()
     want = torch.autograd.grad(exact.square().sum(), (ln.weight, ln.bias))
@@ -545,8 +556,12 @@ def test_layernorm_returns_its_input_dtype():
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = ln(x32)
-        assert y.dtype == torch.float32
-        assert torch.equal(y, torch.nn.functional.layer_norm(x32, (64,), ln.weight, ln.bias, ln.eps))
+        assert y.dtype == torch.float32 and calls[-1] == (torch.float32, torch.float32, False)
+        assert torch.equal(y, layer_norm(x32, (64,), ln.weight, ln.bias, ln.eps))
+    # no weights (elementwise_affine=False): normalisation alone, in the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = vit.LayerNorm(64, elementwise_affine=False)(x)
+    assert y.dtype == torch.bfloat16 and ((y.float() - norm).abs() <= 2 ** -8 * norm.abs() + 1e-6).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
