@@ -115,6 +115,9 @@ def run_case(name, torch, A):
         out, grads = ours[0], ours[1:]
         tensors = ours
     res["finite"] = all(bool(torch.isfinite(t).all()) for t in tensors)
+    if layout == "bthd":  # the output and gradients come back (B, T, H, D)-ordered, as the models' heads
+        res["bthd_out_and_grads"] = all(t.transpose(1, 2).is_contiguous() for t in tensors)
+        ok = ok and res["bthd_out_and_grads"]
     with torch.no_grad():  # inference skips the custom operator: the same kernel, the same output
         res["no_grad_equal"] = bool(torch.equal(A.flash_attention(q.detach(), k.detach(), v.detach(), causal, kpm), out))
     ok = ok and res["finite"] and res["no_grad_equal"]
@@ -226,6 +229,26 @@ def run_compile_check(torch, A):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(loss)(q, k, v, kpm)
     checks = torch.library.opcheck(A._forward_op, (q, k, v, A._as_kpm(kpm, q)[0], True, 0.25))
+    # the models' strides too: their fake outputs must have the launchers' (B, T, H, D)-ordered layout
+    qkv = torch.randn(2, 21, 3, 2, 16, generator=g)
+    qs, ks, vs = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    strided = torch.library.opcheck(A._forward_op, (qs, ks, vs, None, True, 0.25))
+    o, lse2 = A._forward(qs.detach(), ks.detach(), vs.detach(), None, True, 0.25)
+    strided_bwd = torch.library.opcheck(A._backward_op, (torch.randn_like(o), qs.detach(), ks.detach(), vs.detach(),
+                                                         o, lse2, None, True, 0.25, True, False))
+    checks = {**checks, **{f"strided {k}": v for k, v in strided.items()},
+              **{f"strided backward {k}": v for k, v in strided_bwd.items()}}
+    # (opcheck does not compare strides: the fake outputs' against the real ones', here)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    real = [t.detach() for t in (qs, ks, vs)] + [o, lse2]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in real]
+        fake_strides = [t.stride() for t in (*A._forward_op(*fake[:3], None, True, 0.25),
+                                             *A._backward_op(torch.empty_like(fake[3]), *fake, None, True, 0.25,
+                                                             True, False))]
+    real_strides = [t.stride() for t in (o, lse2, *A._backward_op(torch.randn_like(o), *real, None, True, 0.25,
+                                                                  True, False))]
+    checks["fake strides = real strides"] = "SUCCESS" if fake_strides == real_strides else f"{fake_strides} vs {real_strides}"
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, kpm), (q, k, v))
     want = torch.autograd.grad(loss(q, k, v, kpm), (q, k, v))
