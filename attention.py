@@ -16,8 +16,9 @@ Implementations:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with an explicit boolean mask, with the
   fully-masked rows zeroed afterwards (SDPA itself would return NaN or an average there).
 - `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below). Its
-  backward is two kernels (dK/dV, then dQ); MAGMA_FLASH_BACKWARD=fused, read when the forward runs,
-  selects the experimental one-kernel backward instead ("One-kernel backward" below).
+  backward is two kernels (dK/dV, then dQ) or one ("One-kernel backward" below): on a GPU, the first
+  backward of each shape class times both and keeps the faster (MAGMA_FLASH_BACKWARD, read when the
+  forward runs: `auto`, the default; `split` or `fused` forces one).
 - `attention` dispatches between them: `impl=` (which wins) or else the environment variable
   MAGMA_ATTENTION (`auto`, `reference`, `sdpa`, `triton`) picks one. `auto` = the Triton kernel for
   CUDA tensors it accepts when Triton imports (`_flash_supported`: fp16/bf16/fp32 alike, head dim up
@@ -60,7 +61,7 @@ block has exactly one owner, so there are no atomic additions and the result is 
 deterministic for a given launch config (FlashAttention-2's single kernel with atomic dQ updates is
 faster on some shapes but not reproducible). The price: both kernels need S (hence P) and dP, so
 each computes them itself, seven matmuls in all where the algorithm needs five (see FLOPs below).
-One-kernel backward (experimental: MAGMA_FLASH_BACKWARD=fused, 16-bit inputs on a GPU). One program
+One-kernel backward (16-bit inputs on a GPU; MAGMA_FLASH_BACKWARD=fused forces it). One program
 per (batch, head) walks its key blocks one after another; for each it loops over the query blocks
 that see it, accumulating dK and dV in registers as above, and adds the block's share of dQ (dS K)
 into an fp32 buffer by atomic additions. One program makes every addition to its rows of that
@@ -69,8 +70,19 @@ dP are computed once, five matmuls instead of seven, in one launch instead of tw
 parallelism, B*H programs: it is meant for many heads of short sequences (a ViT's 64 x 12 heads of
 197 tokens), where each program of the two-kernel backward sees only a few blocks. `bench.py
 attention` times it (`triton-fusedbwd`); the autotuner zeroes the buffer before each timed run.
+Which backward is faster is a matter of measurement, as a launch config is. On the H200 (bench.py's
+five shapes, first configs) the two-kernel backward's time fit ~40 us per program plus ~0.8 us per
+step of its loop, shared over the 132 SMs (fitted on ViT-B/16 and the long shape; GPT-2, GPT-J and
+ViT-L/14@336 within 9%): it is slow where it launches many programs that each take few steps
+(ViT-B/16: 3,072 programs of 4 steps), and there the one-kernel backward launches 4x fewer; on long
+sequences the one-kernel backward has too few programs to fill the GPU (B*H = 32 at bench.py's).
+So MAGMA_FLASH_BACKWARD=auto, the default, times both at the first backward of each autotuner key
+(lengths, batch*heads and head dim bucketed as the autotuner's; masks; dtype) and keeps the faster,
+on a GPU with autotuning on; without a GPU, with MAGMA_FLASH_AUTOTUNE=0, for fp32 inputs, without dQ,
+or while a CUDA graph is being captured, it runs the two-kernel backward.
 The autotuner picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins
-the first config of each list for runs that must repeat. Accumulation is fp32 throughout.
+the first config of each list (and the two-kernel backward) for runs that must repeat. Accumulation
+is fp32 throughout.
 
 Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there); key
 blocks entirely below it run without any causal mask arithmetic; only the few blocks that cross the
@@ -531,7 +543,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, DQ,
                 HEAD_DIM, BLOCK_D)
 
 
-# An experimental one-kernel backward (MAGMA_FLASH_BACKWARD=fused; "One-kernel backward" above).
+# The one-kernel backward ("One-kernel backward" above; MAGMA_FLASH_BACKWARD=fused forces it).
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQACC,
@@ -728,7 +740,9 @@ MAX_DECODE_SPLITS = 64  # the merge kernel holds (splits, D) partial outputs in 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1, where every kernel puts batch*head
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "fused": _bwd_fused_kernel}
-BACKWARDS = ("split", "fused")  # MAGMA_FLASH_BACKWARD: the dK/dV and dQ kernels, or the one-kernel backward
+# MAGMA_FLASH_BACKWARD: the faster of the two where they can be timed, the dK/dV and dQ kernels, or the
+# one-kernel backward
+BACKWARDS = ("auto", "split", "fused")
 # Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
 # above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -798,8 +812,9 @@ def _launch(name, block_d, grid, args, consts):
 # ------------------------------------------------------------------------------------------------
 
 def _backward_kind():
-    """MAGMA_FLASH_BACKWARD: "split" (the default) or "fused" (the experimental one-kernel backward)."""
-    kind = os.environ.get("MAGMA_FLASH_BACKWARD", "split")
+    """MAGMA_FLASH_BACKWARD: "auto" (the default: the faster where timed), "split" (the dK/dV and dQ
+    kernels) or "fused" (the one-kernel backward)."""
+    kind = os.environ.get("MAGMA_FLASH_BACKWARD", "auto")
     if kind not in BACKWARDS:
         raise ValueError(f"unknown MAGMA_FLASH_BACKWARD={kind!r}; choose one of {BACKWARDS}")
     return kind
@@ -966,9 +981,10 @@ def _flash_forward(q, k, v, causal, kpm, kpm_stride, scale, decode_splits=None):
     return o, lse2
 
 
-def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True, fused=False):
-    """Launch the backward kernels: delta pre-pass, dK/dV, dQ (or, fused=True, the one-kernel backward
-    for 16-bit inputs). Returns dq (None unless need_dq), dk, dv."""
+def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq=True, backward="split"):
+    """Launch the backward kernels: delta pre-pass, dK/dV, dQ; or, backward="fused", the one-kernel
+    backward (16-bit inputs, dQ wanted); or, "auto", whichever of the two was timed faster for this
+    shape class (_choose_backward). Returns dq (None unless need_dq), dk, dv."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -978,10 +994,16 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
         for s in _batch_slices(B, H):
             qs = q[s]
             dqs, dk[s], dv[s] = _flash_backward(do[s], qs, k[s], v[s], o[s], lse2[s], causal,
-                                                qs if kpm is q else kpm[s], kpm_stride, scale, need_dq, fused)
+                                                qs if kpm is q else kpm[s], kpm_stride, scale, need_dq, backward)
             if need_dq:
                 dq[s] = dqs
         return (dq if need_dq else None), dk, dv
+    fused_runs = need_dq and (q.dtype != torch.float32 or INTERPRET)  # (fp32 on a GPU: dK/dV and dQ)
+    if backward == "auto":
+        backward = "split"
+        if fused_runs:
+            backward = _choose_backward(_backward_key(q, k, causal, kpm is not q), q, lambda kind: _flash_backward(
+                do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, kind))
     block_d = max(16, _pow2(D))
     qk_scale = scale * LOG2E
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
@@ -992,7 +1014,7 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
                   PRECISION=_precision(q.dtype))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     tail = (kpm_stride, H, Tq, Tk, qk_scale, scale, _pow2(Tq), _pow2(Tk), _pow2(B * H))
-    if need_dq and fused and (q.dtype != torch.float32 or INTERPRET):
+    if backward == "fused" and fused_runs:
         dq_acc = torch.zeros(B * H, Tq, block_d, device=q.device, dtype=torch.float32)  # summed into
         _launch("fused", block_d, lambda bm, bn: (B * H,),
                 (q, k, v, do, lse2, delta, kpm, dk, dv, dq_acc, *common, *dk.stride(), *dv.stride(), *tail),
@@ -1006,6 +1028,49 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
     _launch("dq", block_d, lambda bm, bn: (_cdiv(Tq, bm), B * H),
             (q, k, v, do, lse2, delta, kpm, dq, *common, *dq.stride(), *tail), consts)
     return dq, dk, dv
+
+
+# MAGMA_FLASH_BACKWARD=auto: the backward timed faster, per shape class (the autotuner's key), like a
+# launch config. A run that must repeat bit for bit pins it (MAGMA_FLASH_BACKWARD=split or fused), as
+# MAGMA_FLASH_AUTOTUNE=0 pins the configs.
+BACKWARD_CHOICES = {}  # (device, dtype, head dim, causal, key padding, Tq, Tk, B*H buckets) -> "split" | "fused"
+BACKWARD_TIMED_CALLS = 3
+
+
+def _backward_key(q, k, causal, has_kpm):
+    """The shape class a choice holds for: the autotuner's key (AUTOTUNE_KEY), with the device and dtype."""
+    B, H, Tq, D = q.shape
+    return q.device, q.dtype, D, bool(causal), bool(has_kpm), _pow2(Tq), _pow2(k.shape[2]), _pow2(B * H)
+
+
+def _can_time_backwards(q):
+    """Whether the two backwards can be timed here: on a GPU, with autotuning on, outside graph capture."""
+    return (q.is_cuda and os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _time_backward_ms(run):
+    """GPU milliseconds per run() (a whole backward), after one warm call that compiles and autotunes
+    its kernels. Waits for the GPU: it runs once per shape class."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(BACKWARD_TIMED_CALLS):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / BACKWARD_TIMED_CALLS
+
+
+def _choose_backward(key, q, run):
+    """"split" or "fused" for this shape class: the one that ran faster when both were timed on its
+    first backward (run(kind) runs a whole backward); "split" where they cannot be timed."""
+    if key not in BACKWARD_CHOICES:
+        if not _can_time_backwards(q):
+            return "split"
+        times = {kind: _time_backward_ms(lambda: run(kind)) for kind in ("split", "fused")}
+        BACKWARD_CHOICES[key] = min(times, key=times.get)
+    return BACKWARD_CHOICES[key]
 
 
 def on_device(t):
@@ -1027,11 +1092,11 @@ def _forward(q, k, v, kpm, causal, scale):
         return _flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
 
 
-def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused):
+def _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, backward):
     """dq (None unless need_dq), dk, dv from what the forward saved; kpm as in _forward."""
     kpm, kpm_stride = _as_kpm(kpm, q)
     with on_device(q):
-        return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, fused)
+        return _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, backward)
 
 
 @torch.library.custom_op("magma::flash_attention_forward", mutates_args=())
@@ -1048,14 +1113,14 @@ def _(q, k, v, kpm, causal, scale):  # shapes only, for torch.compile's tracing
 @torch.library.custom_op("magma::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse2: torch.Tensor, kpm: Optional[torch.Tensor], causal: bool, scale: float,
-                 need_dq: bool, fused: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_dq: bool, backward: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (empty when not needed), dk, dv."""
-    dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused)
+    dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, backward)
     return (dq if need_dq else q.new_empty(0)), dk, dv
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, fused):
+def _(do, q, k, v, o, lse2, kpm, causal, scale, need_dq, backward):
     return (torch.empty_like(q) if need_dq else q.new_empty(0)), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1063,14 +1128,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, kpm, causal, scale = inputs
     o, lse2 = output
     ctx.save_for_backward(q, k, v, o, lse2, kpm)
-    ctx.causal, ctx.scale, ctx.fused = causal, scale, _backward_kind() == "fused"
+    ctx.causal, ctx.scale, ctx.backward = causal, scale, _backward_kind()
     ctx.set_materialize_grads(False)  # lse2 is an internal output: no zero gradient is made for it
 
 
 def _backward(ctx, do, _dlse2):  # _dlse2 is None
     q, k, v, o, lse2, kpm = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq, ctx.fused)
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, need_dq, ctx.backward)
     return (dq if need_dq else None), dk, dv, None, None, None
 
 
@@ -1087,7 +1152,7 @@ class _EagerFlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kpm, causal, scale):
         o, lse2 = _forward(q, k, v, kpm, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse2, kpm)
-        ctx.causal, ctx.scale, ctx.fused = causal, scale, _backward_kind() == "fused"
+        ctx.causal, ctx.scale, ctx.backward = causal, scale, _backward_kind()
         return o
 
     @staticmethod
@@ -1097,7 +1162,7 @@ class _EagerFlashAttention(torch.autograd.Function):
                                "attention(..., impl='sdpa') or impl='reference' for higher derivatives")
         q, k, v, o, lse2, kpm = ctx.saved_tensors
         dq, dk, dv = _backward_launch(do, q, k, v, o, lse2, kpm, ctx.causal, ctx.scale, ctx.needs_input_grad[0],
-                                      ctx.fused)
+                                      ctx.backward)
         return dq, dk, dv, None, None, None
 
 

@@ -193,19 +193,24 @@ def sdpa_backend(backend_name):
     return run
 
 
-def fused_backward(A):
-    """flash_attention with the one-kernel backward (MAGMA_FLASH_BACKWARD=fused, read by the forward)."""
+def pinned_backward(A, kind):
+    """flash_attention with one backward forced: MAGMA_FLASH_BACKWARD=kind, read by the forward."""
     def run(q, k, v, causal):
-        with environ(MAGMA_FLASH_BACKWARD="fused"):
+        with environ(MAGMA_FLASH_BACKWARD=kind):
             return A.flash_attention(q, k, v, causal)
     return run
+
+
+# bench.py attention's Triton rows: the backward each runs (MAGMA_FLASH_BACKWARD; "triton" is the default)
+TRITON_BACKWARDS = {"triton": "auto", "triton-splitbwd": "split", "triton-fusedbwd": "fused"}
 
 
 def attention_impls(A, decode):
     """name -> fn(q, k, v, causal) for every implementation compared."""
     impls = {"triton": lambda q, k, v, causal: A.flash_attention(q, k, v, causal)}
-    if not decode:  # the experimental one-kernel backward
-        impls["triton-fusedbwd"] = fused_backward(A)
+    if not decode:  # either backward forced (the default, "auto", times both once per shape class)
+        impls["triton-splitbwd"] = pinned_backward(A, "split")
+        impls["triton-fusedbwd"] = pinned_backward(A, "fused")
     if decode:  # is splitting the keys across programs worth it, and into how many? measure
         for n in (1, 4, 16):
             impls[f"triton-{n}split"] = lambda q, k, v, causal, n=n: A.flash_decode(q, k, v, num_splits=n)
@@ -252,7 +257,7 @@ def kernel_times_us(fn, calls=5):
     return times
 
 
-def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda, fused=False):
+def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda, backward="split"):
     """Where the Triton kernel's time goes: its forward and backward launchers on their own (no
     autograd), each timed called back to back and, on a GPU, replayed from a CUDA graph, which takes
     the host out (a launch costs tens of microseconds of Python): where the two differ, the host sets
@@ -261,7 +266,7 @@ def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda, fused=False):
     with torch.no_grad():
         fwd = lambda: A._flash_forward(q, k, v, causal, q, 0, scale)  # kpm = q: no key padding mask
         o, lse2 = fwd()
-        bwd = lambda: A._flash_backward(do, q, k, v, o, lse2, causal, q, 0, scale, fused=fused)
+        bwd = lambda: A._flash_backward(do, q, k, v, o, lse2, causal, q, 0, scale, backward=backward)
         times = {"bwd_ms": time_ms(bwd, warmup, iters, cuda)}
         if cuda:
             for name, fn in (("fwd_graph_ms", fwd), ("bwd_graph_ms", bwd)):
@@ -278,10 +283,16 @@ def triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda, fused=False):
             kernels = {**kernel_times_us(fwd), **kernel_times_us(bwd)}
             times["kernel_us"] = ", ".join(f"{name.strip('_').removesuffix('_kernel')} {us:.0f}"
                                            for name, us in kernels.items())
-    kernels = ("fwd", "fused") if fused else ("fwd", "dkdv", "dq")
+    notes, ran = [], backward
+    if backward == "auto":  # which one it ran: the one timed faster for this shape class, if timed
+        ran = A.BACKWARD_CHOICES.get(A._backward_key(q, k, causal, False))
+        notes.append(f"auto backward: {ran} (timed faster)" if ran else "auto backward: split (not timed)")
+    kernels = ("fwd", "fused") if ran == "fused" else ("fwd", "dkdv", "dq")
     tuned = {name: config for name, config in A.tuned_configs(q.shape[-1]).items() if name in kernels}
     if tuned:
-        times["note"] = "autotuned: " + ", ".join(f"{k} {v}" for k, v in tuned.items())
+        notes.append("autotuned: " + ", ".join(f"{k} {v}" for k, v in tuned.items()))
+    if notes:
+        times["note"] = "; ".join(notes)
     return times
 
 
@@ -353,10 +364,10 @@ def bench_attention(args):
                 continue
             row["fwdbwd_ms"] = ms
             row["fwdbwd_tflops"] = 3.5 * flops / (ms * 1e-3) / 1e12  # backward credited 2.5x forward
-            if impl in ("triton", "triton-fusedbwd"):
+            if impl in TRITON_BACKWARDS:
                 try:
                     row.update(triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda,
-                                                fused=impl == "triton-fusedbwd"))
+                                                backward=TRITON_BACKWARDS[impl]))
                 except Exception as e:  # a diagnostic: its failure must not cost the other rows
                     row["note"] = f"breakdown n/a: {str(e).splitlines()[0]}"[:100]
             if cuda:
@@ -1150,7 +1161,8 @@ def main(argv=None):
                    help="run tiny shapes on the CPU (even where a GPU is) to check that the script works")
     p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
                    + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
-    p.add_argument("--impls", help="comma-separated subset of the implementations: triton, triton-fusedbwd, "
+    p.add_argument("--impls", help="comma-separated subset of the implementations: triton (its default backward), "
+                   "triton-splitbwd and triton-fusedbwd (either backward forced), "
                    "triton-{1,4,16}split and triton-blockkernel (decode), sdpa-flash, sdpa-cudnn, sdpa-efficient, "
                    "reference (default: all)")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed iterations first")

@@ -235,7 +235,7 @@ def run_compile_check(torch, A):
     strided = torch.library.opcheck(A._forward_op, (qs, ks, vs, None, True, 0.25))
     o, lse2 = A._forward(qs.detach(), ks.detach(), vs.detach(), None, True, 0.25)
     strided_bwd = torch.library.opcheck(A._backward_op, (torch.randn_like(o), qs.detach(), ks.detach(), vs.detach(),
-                                                         o, lse2, None, True, 0.25, True, False))
+                                                         o, lse2, None, True, 0.25, True, "split"))
     checks = {**checks, **{f"strided {k}": v for k, v in strided.items()},
               **{f"strided backward {k}": v for k, v in strided_bwd.items()}}
     # (opcheck does not compare strides: the fake outputs' against the real ones', here)
@@ -245,9 +245,9 @@ def run_compile_check(torch, A):
         fake = [mode.from_tensor(t) for t in real]
         fake_strides = [t.stride() for t in (*A._forward_op(*fake[:3], None, True, 0.25),
                                              *A._backward_op(torch.empty_like(fake[3]), *fake, None, True, 0.25,
-                                                             True, False))]
+                                                             True, "split"))]
     real_strides = [t.stride() for t in (o, lse2, *A._backward_op(torch.randn_like(o), *real, None, True, 0.25,
-                                                                  True, False))]
+                                                                  True, "split"))]
     checks["fake strides = real strides"] = "SUCCESS" if fake_strides == real_strides else f"{fake_strides} vs {real_strides}"
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, kpm), (q, k, v))
@@ -476,10 +476,69 @@ def run_gpu_configs_check(torch, A):
     return res
 
 
+def run_auto_backward_check(torch, A):
+    """MAGMA_FLASH_BACKWARD=auto (the default): where the two backwards can be timed, the first backward of
+    a shape class times both and keeps the faster; its gradients are then that backward's, bit for bit,
+    and later calls of the class reuse the choice without timing again. Timing is stubbed here (the
+    interpreter has no GPU clock): each backward really runs, and the stub says which was faster."""
+    res = {"case": "auto_backward", "failed": []}
+    saved = A._can_time_backwards, A._time_backward_ms, dict(A.BACKWARD_CHOICES), os.environ.get("MAGMA_FLASH_BACKWARD")
+    timed = []
+
+    def stub_time(run):  # split is timed first, then fused; the class's name says which one "wins"
+        run()
+        timed.append(len(timed) % 2)
+        return {"fused_wins": (2.0, 1.0), "split_wins": (1.0, 2.0)}[winner][timed[-1]]
+
+    def grads(backward, q, k, v, do, kpm):
+        os.environ["MAGMA_FLASH_BACKWARD"] = backward
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(A.flash_attention(*inputs, True, kpm), inputs, do)
+
+    try:
+        A.BACKWARD_CHOICES.clear()
+        os.environ.pop("MAGMA_FLASH_BACKWARD", None)
+        res["default"] = A._backward_kind()
+        # where nothing can be timed (the CPU here): the two-kernel backward, and no choice is kept
+        q, k, v, do, kpm = make_inputs(torch, 2, 2, 37, 37, 32, "left_pad", "float32", "contiguous", seed=3)
+        if not all(torch.equal(a, b) for a, b in zip(grads("auto", q, k, v, do, kpm), grads("split", q, k, v, do, kpm))):
+            res["failed"].append("untimed auto is not the two-kernel backward")
+        if A.BACKWARD_CHOICES:
+            res["failed"].append(f"untimed auto kept a choice: {A.BACKWARD_CHOICES}")
+        A._can_time_backwards, A._time_backward_ms = (lambda q: True), stub_time
+        for winner, T in (("fused_wins", 37), ("split_wins", 70)):  # two shape classes (64 and 128 tokens)
+            q, k, v, do, kpm = make_inputs(torch, 2, 2, T, T, 32, "left_pad", "float32", "contiguous", seed=T)
+            before = len(timed)
+            first = grads("auto", q, k, v, do, kpm)
+            again = grads("auto", q, k, v, do, kpm)
+            want = grads(winner.split("_")[0], q, k, v, do, kpm)
+            other = grads({"fused_wins": "split", "split_wins": "fused"}[winner], q, k, v, do, kpm)
+            if len(timed) - before != 2:
+                res["failed"].append(f"{winner}: {len(timed) - before} backwards timed, not 2 (once each)")
+            if not all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, want)):
+                res["failed"].append(f"{winner}: auto's gradients are not the faster backward's")
+            if all(torch.equal(a, b) for a, b in zip(want, other)):
+                res["failed"].append(f"{winner}: the two backwards agree bit for bit: the check proves nothing")
+        res["choices"] = sorted(v for v in A.BACKWARD_CHOICES.values())
+        if res["choices"] != ["fused", "split"]:
+            res["failed"].append(f"kept {res['choices']}, not one choice per shape class")
+    finally:
+        A._can_time_backwards, A._time_backward_ms = saved[0], saved[1]
+        A.BACKWARD_CHOICES.clear()
+        A.BACKWARD_CHOICES.update(saved[2])
+        if saved[3] is None:
+            os.environ.pop("MAGMA_FLASH_BACKWARD", None)
+        else:
+            os.environ["MAGMA_FLASH_BACKWARD"] = saved[3]
+    res["ok"] = res["default"] == "auto" and not res["failed"]
+    return res
+
+
 EXTRA_CHECKS = {"decode_split_k_merge": run_decode_split_check, "autotune_launcher": run_autotune_check,
                 "torch_compile_one_opaque_op": run_compile_check, "custom_scale": run_scale_check,
                 "batch_slices": run_batch_slices_check, "partial_grads": run_partial_grads_check,
-                "gpu_launch_configs": run_gpu_configs_check, "fused_backward": run_fused_backward_check}
+                "gpu_launch_configs": run_gpu_configs_check, "fused_backward": run_fused_backward_check,
+                "auto_backward": run_auto_backward_check}
 
 
 def main(argv=None):

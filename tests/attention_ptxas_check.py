@@ -82,7 +82,7 @@ def captured_launches(D, causal, padded, dtype, T=256, B=2, H=2):
         o, lse2 = A._flash_forward(q, k, v, causal, kpm, kpm_stride, scale)
         do = qkv(T)[0]
         A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale)
-        A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, fused=True)  # 16-bit only
+        A._flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, backward="fused")  # 16-bit only
         A._flash_forward(qkv(1)[0], k, v, False, kpm, kpm_stride, scale, decode_splits=4)  # one decode step
     finally:
         A._launch, A._decode_kernel, A._decode_merge_kernel, A._bwd_delta_kernel = saved
