@@ -16,9 +16,9 @@ Implementations:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with an explicit boolean mask, with the
   fully-masked rows zeroed afterwards (SDPA itself would return NaN or an average there).
 - `flash_attention`: our FlashAttention-style Triton kernel, forward and backward (below). Its
-  backward is two kernels (dK/dV, then dQ) or one ("One-kernel backward" below): on a GPU, the first
-  backward of each shape class times both and keeps the faster (MAGMA_FLASH_BACKWARD, read when the
-  forward runs: `auto`, the default; `split` or `fused` forces one).
+  backward is two kernels (dK/dV, then dQ; the default) or one ("One-kernel backward" below):
+  MAGMA_FLASH_BACKWARD, read when the forward runs, is `split`, `fused`, or `auto` (the one timed
+  faster for each shape class, on a GPU with autotuning on, for 16-bit inputs that want dQ).
 - `attention` dispatches between them: `impl=` (which wins) or else the environment variable
   MAGMA_ATTENTION (`auto`, `reference`, `sdpa`, `triton`) picks one. `auto` = the Triton kernel for
   CUDA tensors it accepts when Triton imports (`_flash_supported`: fp16/bf16/fp32 alike, head dim up
@@ -61,7 +61,7 @@ block has exactly one owner, so there are no atomic additions and the result is 
 deterministic for a given launch config (FlashAttention-2's single kernel with atomic dQ updates is
 faster on some shapes but not reproducible). The price: both kernels need S (hence P) and dP, so
 each computes them itself, seven matmuls in all where the algorithm needs five (see FLOPs below).
-One-kernel backward (16-bit inputs on a GPU; MAGMA_FLASH_BACKWARD=fused forces it). One program
+One-kernel backward (16-bit inputs on a GPU; MAGMA_FLASH_BACKWARD=fused). One program
 per (batch, head) walks its key blocks one after another; for each it loops over the query blocks
 that see it, accumulating dK and dV in registers as above, and adds the block's share of dQ (dS K)
 into an fp32 buffer by atomic additions. One program makes every addition to its rows of that
@@ -70,19 +70,21 @@ dP are computed once, five matmuls instead of seven, in one launch instead of tw
 parallelism, B*H programs: it is meant for many heads of short sequences (a ViT's 64 x 12 heads of
 197 tokens), where each program of the two-kernel backward sees only a few blocks. `bench.py
 attention` times it (`triton-fusedbwd`); the autotuner zeroes the buffer before each timed run.
-Which backward is faster is a matter of measurement, as a launch config is. On the H200 (bench.py's
-five shapes, first configs) the two-kernel backward's time fit ~40 us per program plus ~0.8 us per
-step of its loop, shared over the 132 SMs (fitted on ViT-B/16 and the long shape; GPT-2, GPT-J and
-ViT-L/14@336 within 9%): it is slow where it launches many programs that each take few steps
-(ViT-B/16: 3,072 programs of 4 steps), and there the one-kernel backward launches 4x fewer; on long
-sequences the one-kernel backward has too few programs to fill the GPU (B*H = 32 at bench.py's).
-So MAGMA_FLASH_BACKWARD=auto, the default, times both at the first backward of each autotuner key
-(lengths, batch*heads and head dim bucketed as the autotuner's; masks; dtype) and keeps the faster,
-on a GPU with autotuning on; without a GPU, with MAGMA_FLASH_AUTOTUNE=0, for fp32 inputs, without dQ,
-or while a CUDA graph is being captured, it runs the two-kernel backward.
+Which backward is faster is a matter of measurement, as a launch config is. On the H200 (first
+configs) the two-kernel backward's time fit ~40 us per program plus ~0.8 us per step of its loop,
+shared over the 132 SMs (fitted on ViT-B/16 and long; GPT-2, GPT-J and ViT-L/14@336 within 9%;
+bench.py's sixth shape, head dim 256, with far smaller tiles, takes 27% longer): it is slow where
+it launches many programs that each take few steps (ViT-B/16: 3,072 programs of 4 steps), and there
+the one-kernel backward launches 4x fewer; on long sequences the one-kernel backward has too few
+programs to fill the GPU (B*H = 32 at bench.py's). MAGMA_FLASH_BACKWARD=auto times both at the first
+backward of each shape class (the autotuner's key: lengths and batch*heads bucketed, the head dim, the
+masks, the dtype; and the device) with triton.testing.do_bench, as the autotuner times configs, and
+keeps the faster. It runs the two-kernel backward without a GPU, with MAGMA_FLASH_AUTOTUNE=0, for
+fp32 inputs and without dQ, and, for a class not yet timed, while a CUDA graph is being captured.
+The one-kernel backward has run only on the CPU (the interpreter) so far, so the default stays the
+two-kernel one, which the GPU tests have checked on an H200.
 The autotuner picks configs by timing, which can differ between runs: MAGMA_FLASH_AUTOTUNE=0 pins
-the first config of each list (and the two-kernel backward) for runs that must repeat. Accumulation
-is fp32 throughout.
+the first config of each list for runs that must repeat. Accumulation is fp32 throughout.
 
 Masks. Key blocks entirely above the causal diagonal are skipped (the loop bounds stop there); key
 blocks entirely below it run without any causal mask arithmetic; only the few blocks that cross the
@@ -740,9 +742,8 @@ MAX_DECODE_SPLITS = 64  # the merge kernel holds (splits, D) partial outputs in 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's axis 1, where every kernel puts batch*head
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "fused": _bwd_fused_kernel}
-# MAGMA_FLASH_BACKWARD: the faster of the two where they can be timed, the dK/dV and dQ kernels, or the
-# one-kernel backward
-BACKWARDS = ("auto", "split", "fused")
+# MAGMA_FLASH_BACKWARD: the dK/dV and dQ kernels, the one-kernel backward, or the faster of the two
+BACKWARDS = ("split", "fused", "auto")
 # Every launch asks for fused multiply-adds (a * b + c rounded once: the exp2 arguments and rescales
 # above are written for them). Triton 3.9 fuses by default but warns that 3.10 will not.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -812,9 +813,9 @@ def _launch(name, block_d, grid, args, consts):
 # ------------------------------------------------------------------------------------------------
 
 def _backward_kind():
-    """MAGMA_FLASH_BACKWARD: "auto" (the default: the faster where timed), "split" (the dK/dV and dQ
-    kernels) or "fused" (the one-kernel backward)."""
-    kind = os.environ.get("MAGMA_FLASH_BACKWARD", "auto")
+    """MAGMA_FLASH_BACKWARD: "split" (the default: the dK/dV and dQ kernels), "fused" (the one-kernel
+    backward) or "auto" (whichever was timed faster for the shape class, _choose_backward)."""
+    kind = os.environ.get("MAGMA_FLASH_BACKWARD", "split")
     if kind not in BACKWARDS:
         raise ValueError(f"unknown MAGMA_FLASH_BACKWARD={kind!r}; choose one of {BACKWARDS}")
     return kind
@@ -1031,10 +1032,8 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
 
 
 # MAGMA_FLASH_BACKWARD=auto: the backward timed faster, per shape class (the autotuner's key), like a
-# launch config. A run that must repeat bit for bit pins it (MAGMA_FLASH_BACKWARD=split or fused), as
-# MAGMA_FLASH_AUTOTUNE=0 pins the configs.
+# launch config; MAGMA_FLASH_AUTOTUNE=0 pins the two-kernel one, as it pins the configs.
 BACKWARD_CHOICES = {}  # (device, dtype, head dim, causal, key padding, Tq, Tk, B*H buckets) -> "split" | "fused"
-BACKWARD_TIMED_CALLS = 3
 
 
 def _backward_key(q, k, causal, has_kpm):
@@ -1044,29 +1043,30 @@ def _backward_key(q, k, causal, has_kpm):
 
 
 def _can_time_backwards(q):
-    """Whether the two backwards can be timed here: on a GPU, with autotuning on, outside graph capture."""
-    return (q.is_cuda and os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
+    """Whether auto may choose here: on a GPU with autotuning on."""
+    return q.is_cuda and os.environ.get("MAGMA_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _capturing(q):
+    """Whether a CUDA graph is being captured on q's stream (nothing may be timed then)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _time_backward_ms(run):
-    """GPU milliseconds per run() (a whole backward), after one warm call that compiles and autotunes
-    its kernels. Waits for the GPU: it runs once per shape class."""
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(BACKWARD_TIMED_CALLS):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / BACKWARD_TIMED_CALLS
+    """GPU milliseconds per run() (a whole backward), as the autotuner times a config: the first call
+    compiles and autotunes its kernels. Waits for the GPU: it runs once per shape class."""
+    from triton.testing import do_bench
+    return do_bench(run)
 
 
 def _choose_backward(key, q, run):
     """"split" or "fused" for this shape class: the one that ran faster when both were timed on its
-    first backward (run(kind) runs a whole backward); "split" where they cannot be timed."""
+    first backward (run(kind) runs a whole backward); "split" where auto may not choose, and while a
+    graph is captured before the class was timed."""
+    if not _can_time_backwards(q):
+        return "split"
     if key not in BACKWARD_CHOICES:
-        if not _can_time_backwards(q):
+        if _capturing(q):
             return "split"
         times = {kind: _time_backward_ms(lambda: run(kind)) for kind in ("split", "fused")}
         BACKWARD_CHOICES[key] = min(times, key=times.get)

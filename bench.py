@@ -201,16 +201,16 @@ def pinned_backward(A, kind):
     return run
 
 
-# bench.py attention's Triton rows: the backward each runs (MAGMA_FLASH_BACKWARD; "triton" is the default)
-TRITON_BACKWARDS = {"triton": "auto", "triton-splitbwd": "split", "triton-fusedbwd": "fused"}
+# bench.py attention's Triton rows: the backward each runs (MAGMA_FLASH_BACKWARD; None: the default, "split")
+TRITON_BACKWARDS = {"triton": None, "triton-fusedbwd": "fused", "triton-autobwd": "auto"}
 
 
 def attention_impls(A, decode):
     """name -> fn(q, k, v, causal) for every implementation compared."""
     impls = {"triton": lambda q, k, v, causal: A.flash_attention(q, k, v, causal)}
-    if not decode:  # either backward forced (the default, "auto", times both once per shape class)
-        impls["triton-splitbwd"] = pinned_backward(A, "split")
+    if not decode:  # the one-kernel backward, and the faster of the two (timed once per shape class)
         impls["triton-fusedbwd"] = pinned_backward(A, "fused")
+        impls["triton-autobwd"] = pinned_backward(A, "auto")
     if decode:  # is splitting the keys across programs worth it, and into how many? measure
         for n in (1, 4, 16):
             impls[f"triton-{n}split"] = lambda q, k, v, causal, n=n: A.flash_decode(q, k, v, num_splits=n)
@@ -367,7 +367,7 @@ def bench_attention(args):
             if impl in TRITON_BACKWARDS:
                 try:
                     row.update(triton_breakdown(A, q, k, v, do, causal, warmup, iters, cuda,
-                                                backward=TRITON_BACKWARDS[impl]))
+                                                backward=TRITON_BACKWARDS[impl] or A._backward_kind()))
                 except Exception as e:  # a diagnostic: its failure must not cost the other rows
                     row["note"] = f"breakdown n/a: {str(e).splitlines()[0]}"[:100]
             if cuda:
@@ -1162,7 +1162,7 @@ def main(argv=None):
     p.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s[0] for s in ATTENTION_SHAPES)
                    + " (on a CPU with --cpu-smoke: " + ",".join(s[0] for s in SMOKE_SHAPES) + ")")
     p.add_argument("--impls", help="comma-separated subset of the implementations: triton (its default backward), "
-                   "triton-splitbwd and triton-fusedbwd (either backward forced), "
+                   "triton-fusedbwd (the one-kernel backward), triton-autobwd (the faster backward, timed), "
                    "triton-{1,4,16}split and triton-blockkernel (decode), sdpa-flash, sdpa-cudnn, sdpa-efficient, "
                    "reference (default: all)")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed iterations first")

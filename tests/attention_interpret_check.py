@@ -477,10 +477,11 @@ def run_gpu_configs_check(torch, A):
 
 
 def run_auto_backward_check(torch, A):
-    """MAGMA_FLASH_BACKWARD=auto (the default): where the two backwards can be timed, the first backward of
-    a shape class times both and keeps the faster; its gradients are then that backward's, bit for bit,
-    and later calls of the class reuse the choice without timing again. Timing is stubbed here (the
-    interpreter has no GPU clock): each backward really runs, and the stub says which was faster."""
+    """MAGMA_FLASH_BACKWARD=auto (the default is split): where auto may choose, the first backward of a
+    shape class times both backwards and keeps the faster; its gradients are then that backward's, bit
+    for bit, and later calls of the class reuse the choice without timing again; where it may not
+    (autotuning off), the two-kernel backward runs even for a class already timed. Timing is stubbed
+    here (the interpreter has no GPU clock): each backward really runs, and the stub says which won."""
     res = {"case": "auto_backward", "failed": []}
     saved = A._can_time_backwards, A._time_backward_ms, dict(A.BACKWARD_CHOICES), os.environ.get("MAGMA_FLASH_BACKWARD")
     timed = []
@@ -506,8 +507,10 @@ def run_auto_backward_check(torch, A):
         if A.BACKWARD_CHOICES:
             res["failed"].append(f"untimed auto kept a choice: {A.BACKWARD_CHOICES}")
         A._can_time_backwards, A._time_backward_ms = (lambda q: True), stub_time
+        inputs = {}
         for winner, T in (("fused_wins", 37), ("split_wins", 70)):  # two shape classes (64 and 128 tokens)
-            q, k, v, do, kpm = make_inputs(torch, 2, 2, T, T, 32, "left_pad", "float32", "contiguous", seed=T)
+            q, k, v, do, kpm = inputs[winner] = make_inputs(torch, 2, 2, T, T, 32, "left_pad", "float32",
+                                                            "contiguous", seed=T)
             before = len(timed)
             first = grads("auto", q, k, v, do, kpm)
             again = grads("auto", q, k, v, do, kpm)
@@ -522,6 +525,10 @@ def run_auto_backward_check(torch, A):
         res["choices"] = sorted(v for v in A.BACKWARD_CHOICES.values())
         if res["choices"] != ["fused", "split"]:
             res["failed"].append(f"kept {res['choices']}, not one choice per shape class")
+        A._can_time_backwards = lambda q: False  # e.g. MAGMA_FLASH_AUTOTUNE=0: pinned, whatever was timed
+        q, k, v, do, kpm = inputs["fused_wins"]
+        if not all(torch.equal(a, b) for a, b in zip(grads("auto", q, k, v, do, kpm), grads("split", q, k, v, do, kpm))):
+            res["failed"].append("auto with autotuning off is not the two-kernel backward")
     finally:
         A._can_time_backwards, A._time_backward_ms = saved[0], saved[1]
         A.BACKWARD_CHOICES.clear()
@@ -530,7 +537,7 @@ def run_auto_backward_check(torch, A):
             os.environ.pop("MAGMA_FLASH_BACKWARD", None)
         else:
             os.environ["MAGMA_FLASH_BACKWARD"] = saved[3]
-    res["ok"] = res["default"] == "auto" and not res["failed"]
+    res["ok"] = res["default"] == "split" and not res["failed"]
     return res
 
 

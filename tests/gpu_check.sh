@@ -12,7 +12,7 @@
 #                    ncu_raw.csv, one row per kernel; the readable report goes to the log
 #   attention_tuned  the Triton kernel autotuned (each config compiled and timed on first use: the short
 #                    shapes where its backward lags, and long), the configs it chose in each row's note;
-#                    its default backward (auto: both timed, the faster kept, named in the note) and each forced
+#                    with either backward, and the faster of the two (triton-autobwd; its note names it)
 #   generate, big    greedy decoding vs transformers; the GPT-J-sized model
 # A lease is 15 minutes of device time, the machine's start included: the default budget (480 s) leaves
 # room for that start and for a rerun of a step that failed.
@@ -52,7 +52,7 @@ export -f profile
 export PY OUT
 step 100 tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpt.py tests/test_vit.py \
   tests/test_magma.py tests/test_train.py tests/test_bench.py -k "(gpu or cuda) and not interpreted and not without_gpu"
-# (triton-splitbwd left out: with autotuning off, the "triton" rows run that backward)
+# (triton-autobwd left out: with autotuning off it runs the two-kernel backward, as the "triton" rows do)
 step 75 attention $PY bench.py attention --warmup 3 --iters 20 --shapes $SHAPES --json "$OUT/attention.json" \
   --impls triton,triton-fusedbwd,triton-1split,triton-4split,triton-16split,triton-blockkernel,sdpa-flash,sdpa-cudnn,\
 sdpa-efficient,reference
@@ -62,7 +62,7 @@ ours-compile,ours-sdpa-compile \
   --json "$OUT/train.json"
 step 75 profile bash -c profile
 MAGMA_FLASH_AUTOTUNE=1 step 100 attention_tuned $PY bench.py attention --warmup 3 --iters 20 \
-  --shapes gpt2,vit-b16,vit-l14-336,long --impls triton,triton-splitbwd,triton-fusedbwd,sdpa-flash \
+  --shapes gpt2,vit-b16,vit-l14-336,long --impls triton,triton-fusedbwd,triton-autobwd,sdpa-flash \
   --json "$OUT/attention_tuned.json"
 step 60 generate $PY bench.py generate --new-tokens 128 --warmup 1 --iters 3 --json "$OUT/generate.json"
 step 50 big $PY bench.py big --max-batch 64 --warmup 1 --iters 3 --json "$OUT/big.json"
