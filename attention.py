@@ -1000,11 +1000,9 @@ def _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_d
                 dq[s] = dqs
         return (dq if need_dq else None), dk, dv
     fused_runs = need_dq and (q.dtype != torch.float32 or INTERPRET)  # (fp32 on a GPU: dK/dV and dQ)
-    if backward == "auto":
-        backward = "split"
-        if fused_runs:
-            backward = _choose_backward(_backward_key(q, k, causal, kpm is not q), q, lambda kind: _flash_backward(
-                do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, kind))
+    if backward == "auto":  # the one timed faster for this shape class, where both can run and be timed
+        rerun = lambda kind: _flash_backward(do, q, k, v, o, lse2, causal, kpm, kpm_stride, scale, need_dq, kind)
+        backward = _choose_backward(_backward_key(q, k, causal, kpm is not q), q, rerun) if fused_runs else "split"
     block_d = max(16, _pow2(D))
     qk_scale = scale * LOG2E
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
